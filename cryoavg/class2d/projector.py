@@ -1,0 +1,427 @@
+"""Padded Fourier "projector" of 2D class images: rotated references and their adjoint.
+
+For 2D data the "projection" of class ``k`` at in-plane angle ψ is the class transform
+sampled in a rotated frame (spec §0.3, §A.3)::
+
+    P_kψ(q) = F_k(Rz(ψ) q),     Rz(ψ) = [[cos ψ, −sin ψ], [sin ψ, cos ψ]]  on (x, y)
+
+i.e. the class image actively rotated by ``Rz(−ψ)`` about pixel ``N//2``. ``F_k`` is held
+on a ``pad``-times finer Fourier grid (``P = pad·N``) and sampled with bilinear
+interpolation at ``pad·Rz(ψ) q``; before padding the real-space image is divided by
+``sinc²(r / P)`` (gridding pre-correction, §A.6.4) so that the blur of linear
+interpolation is compensated on average.
+
+Layout: the padded transform is the un-shifted ``rfft`` half plane ``(P, P//2+1)`` with
+RELION normalisation (see ``docs/class2d-design.md``), scaled by ``pad²`` so that the
+padded grid at ``pad·(kx, ky)`` equals the ``N``-grid coefficient of the (corrected)
+image. Points with a negative rotated ``kx`` are read from the Hermitian mirror
+``(−x, −y)`` and conjugated. Rows wrap modulo ``P`` (the transform is periodic). Query
+points with ``|q| > r_max`` give zero, and the padded data are zero beyond
+``pad·r_max`` (as RELION's projector built with ``current_size = 2·r_max``).
+
+:meth:`ClassProjector.backproject` is the exact (real-linear) adjoint of
+:meth:`ClassProjector.rotated_references`: bilinear splatting onto the padded half plane.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cryoavg.class2d.sampling import PixelSet
+from cryoavg.ops.fourier import dft_2d
+
+__all__ = ["ClassProjector", "bilinear_plan", "gridding_correction_map"]
+
+
+def gridding_correction_map(
+    box_size: int, pad: int, *, dtype=torch.float64, device=None
+):
+    """Real-space gridding pre-correction ``sinc²(r / (pad·N))``.
+
+    Parameters
+    ----------
+    box_size
+        ``N``.
+    pad
+        Padding factor.
+    dtype, device
+        Of the result.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, N)``; ``r`` is the distance (px) from pixel ``(N//2, N//2)`` and
+        ``sinc(x) = sin(πx)/(πx)``. Divide the image by it before padding.
+    """
+    n = int(box_size)
+    c = torch.arange(n, dtype=torch.float64, device=device) - n // 2
+    r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)  # (N, N) px
+    x = r / (pad * n)
+    return (torch.sinc(x) ** 2).to(dtype)
+
+
+def bilinear_plan(
+    psi_degrees: torch.Tensor,
+    pixel_set: PixelSet,
+    *,
+    pad: int,
+    r_max: float,
+    start: int = 0,
+    stop: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Corner indices and weights of ``F(pad·Rz(ψ) q)`` on the padded half plane.
+
+    Parameters
+    ----------
+    psi_degrees
+        ``(r,)`` angles (degrees).
+    pixel_set
+        Pixels ``q = (ky, kx)`` (``N``-grid frequencies).
+    pad
+        Padding factor; the padded grid is ``(P, P//2+1)``, ``P = pad·N``.
+    r_max
+        Radius (``N``-grid units) beyond which the reference is zero.
+    start, stop
+        Optional slice of the pixel set.
+
+    Returns
+    -------
+    index : torch.Tensor
+        ``(r, p, 4)`` int64 indices into the flattened ``(P, P//2+1)`` grid.
+    weight : torch.Tensor
+        ``(r, p, 4)`` bilinear weights (float64; zero outside ``r_max``).
+    conjugate : torch.Tensor
+        ``(r, p)`` bool, True where the Hermitian mirror is read (value conjugated).
+    """
+    device = pixel_set.ky.device
+    big = pad * pixel_set.box_size
+    ncol = big // 2 + 1
+    ky = pixel_set.ky[start:stop].to(torch.float64)  # (p,)
+    kx = pixel_set.kx[start:stop].to(torch.float64)  # (p,)
+    psi = torch.deg2rad(psi_degrees.to(device=device, dtype=torch.float64))  # (r,)
+    c, s = torch.cos(psi)[:, None], torch.sin(psi)[:, None]  # (r, 1)
+    # Rz(ψ) q on (x, y), scaled to the padded grid: (r, p)
+    x = pad * (c * kx[None, :] - s * ky[None, :])
+    y = pad * (s * kx[None, :] + c * ky[None, :])
+    conjugate = x < 0
+    x = torch.where(conjugate, -x, x)
+    y = torch.where(conjugate, -y, y)
+    inside = (x * x + y * y) <= (pad * r_max) ** 2 + 1e-9  # (r, p)
+    x0 = torch.floor(x)
+    y0 = torch.floor(y)
+    fx = x - x0
+    fy = y - y0
+    x0 = x0.long()
+    y0 = y0.long()
+    # corners (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1): (r, p, 4)
+    cy = torch.stack([y0, y0, y0 + 1, y0 + 1], dim=-1)
+    cx = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=-1)
+    weight = torch.stack(
+        [(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], dim=-1
+    )
+    # a corner beyond the last column can only carry zero weight (x == P/2); clamp it
+    valid = (cx < ncol) & inside[..., None]
+    weight = torch.where(
+        valid, weight, torch.zeros((), dtype=weight.dtype, device=device)
+    )
+    cx = cx.clamp(max=ncol - 1)
+    index = torch.remainder(cy, big) * ncol + cx
+    return index, weight, conjugate
+
+
+class ClassProjector:
+    """Padded Fourier transforms of ``k`` class images, sampled at rotated frequencies.
+
+    Parameters
+    ----------
+    images
+        ``(k, N, N)`` real class images (real space, origin at ``N//2``).
+    pad
+        Padding factor (2, as RELION).
+    r_max
+        Fourier radius (``N``-grid units) kept; default ``N/2``. RELION uses
+        ``current_size / 2``.
+    gridding_correction
+        Divide by ``sinc²(r/P)`` in real space before padding (§A.6.4).
+
+    Attributes
+    ----------
+    data
+        ``(k, P, P//2+1)`` complex padded transform (``pad²``-scaled, see module doc).
+    box_size, pad, r_max
+        As given (``r_max`` resolved).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        *,
+        pad: int = 2,
+        r_max: float | None = None,
+        gridding_correction: bool = True,
+    ) -> None:
+        k, n = int(images.shape[0]), int(images.shape[-1])
+        self.box_size = n
+        self.pad = int(pad)
+        self.r_max = float(n // 2 if r_max is None else min(float(r_max), n / 2))
+        big = self.pad * n
+        work = images
+        if gridding_correction:
+            corr = gridding_correction_map(
+                n, self.pad, dtype=images.dtype, device=images.device
+            )
+            work = images / corr  # (k, N, N)
+        padded = images.new_zeros((k, big, big))  # (k, P, P)
+        o = big // 2 - n // 2
+        padded[:, o : o + n, o : o + n] = work
+        data = dft_2d(padded) * float(self.pad**2)  # (k, P, P//2+1)
+        ky = torch.fft.fftfreq(big, 1.0 / big, device=images.device).round()  # (P,)
+        kx = torch.arange(big // 2 + 1, device=images.device, dtype=ky.dtype)
+        r2 = ky[:, None] ** 2 + kx[None, :] ** 2  # (P, P//2+1)
+        keep = r2 <= (self.pad * self.r_max) ** 2 + 1e-9
+        self.data = data * keep
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes ``k``."""
+        return int(self.data.shape[0])
+
+    @property
+    def padded_size(self) -> int:
+        """``P = pad·N``."""
+        return self.pad * self.box_size
+
+    def _chunk(self, n_rows: int, n_psi: int, n_pix: int, max_chunk_bytes: int) -> int:
+        per_psi = max(1, n_rows * n_pix * 4 * self.data.element_size() * 3)
+        return max(1, min(n_psi, max_chunk_bytes // per_psi))
+
+    def rotated_references(
+        self,
+        psi_degrees: torch.Tensor,
+        pixel_set: PixelSet,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        max_chunk_bytes: int = 1 << 28,
+    ) -> torch.Tensor:
+        """Reference transforms ``F_k(Rz(ψ) q)`` on a pixel set.
+
+        Parameters
+        ----------
+        psi_degrees
+            ``(r,)`` in-plane angles (degrees).
+        pixel_set
+            Frequencies ``q`` (``p`` pixels, or the slice ``[start:stop]``).
+        start, stop
+            Optional slice of the pixel set.
+        max_chunk_bytes
+            Bound on temporary memory (chunks over ``r``).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(k, r, p)`` complex, dtype of :attr:`data`.
+        """
+        k = self.n_classes
+        flat = self.data.reshape(k, -1)  # (k, P·(P//2+1))
+        n_psi = int(psi_degrees.shape[0])
+        p = int(pixel_set.indices[start:stop].shape[0])
+        out = self.data.new_empty((k, n_psi, p))
+        step = self._chunk(k, n_psi, p, max_chunk_bytes)
+        real_dtype = self.data.real.dtype
+        for i in range(0, n_psi, step):
+            psi = psi_degrees[i : i + step]
+            index, weight, conj = bilinear_plan(
+                psi, pixel_set, pad=self.pad, r_max=self.r_max, start=start, stop=stop
+            )
+            rr = int(psi.shape[0])
+            corners = flat.index_select(1, index.reshape(-1)).reshape(k, rr, p, 4)
+            vals = (corners * weight.to(real_dtype)).sum(-1)  # (k, rr, p)
+            out[:, i : i + rr] = torch.where(conj, vals.conj(), vals)
+        return out
+
+    def backproject(
+        self,
+        values: torch.Tensor | None,
+        psi_degrees: torch.Tensor,
+        pixel_set: PixelSet,
+        out_data: torch.Tensor | None,
+        *,
+        weights: torch.Tensor | None = None,
+        out_weight: torch.Tensor | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        max_chunk_bytes: int = 1 << 28,
+    ) -> None:
+        """Adjoint of :meth:`rotated_references`: splat values onto the padded grid.
+
+        ``out_data += Aᵀ values`` in the real inner product ``Re⟨·,·⟩`` (conjugated
+        where the Hermitian mirror was read), and ``out_weight += |A|ᵀ weights``
+        (bilinear weights, no conjugation). Accumulates in place.
+
+        Parameters
+        ----------
+        values
+            ``(k, r, p)`` complex values at ``(ψ_r, q_p)``, or ``None``.
+        psi_degrees
+            ``(r,)`` angles (degrees).
+        pixel_set
+            Pixels (or slice ``[start:stop]``), ``p`` of them.
+        out_data
+            ``(k, P, P//2+1)`` complex accumulator (contiguous), or ``None``.
+        weights
+            ``(k, r, p)`` real values for ``out_weight``, or ``None``.
+        out_weight
+            ``(k, P, P//2+1)`` real accumulator (contiguous), or ``None``.
+        start, stop
+            Optional slice of the pixel set.
+        max_chunk_bytes
+            Bound on temporary memory (chunks over ``r``).
+        """
+        k = self.n_classes
+        n_psi = int(psi_degrees.shape[0])
+        p = int(pixel_set.indices[start:stop].shape[0])
+        step = self._chunk(k, n_psi, p, max_chunk_bytes)
+        data_flat = out_data.view(k, -1) if out_data is not None else None
+        weight_flat = out_weight.view(k, -1) if out_weight is not None else None
+        for i in range(0, n_psi, step):
+            psi = psi_degrees[i : i + step]
+            rr = int(psi.shape[0])
+            index, weight, conj = bilinear_plan(
+                psi, pixel_set, pad=self.pad, r_max=self.r_max, start=start, stop=stop
+            )
+            flat_index = index.reshape(-1)  # (rr·p·4,)
+            if values is not None and data_flat is not None:
+                v = values[:, i : i + rr]  # (k, rr, p)
+                v = torch.where(conj, v.conj(), v)
+                contrib = v[..., None] * weight.to(v.real.dtype)  # (k, rr, p, 4)
+                data_flat.index_add_(
+                    1, flat_index, contrib.reshape(k, -1).to(data_flat.dtype)
+                )
+            if weights is not None and weight_flat is not None:
+                wv = weights[:, i : i + rr, :, None] * weight.to(
+                    weights.dtype
+                )  # (k, rr, p, 4)
+                weight_flat.index_add_(
+                    1, flat_index, wv.reshape(k, -1).to(weight_flat.dtype)
+                )
+
+    def sample(
+        self,
+        class_index: torch.Tensor,
+        psi_degrees: torch.Tensor,
+        pixel_set: PixelSet,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        max_chunk_bytes: int = 1 << 28,
+    ) -> torch.Tensor:
+        """References ``F_k(Rz(ψ) q)`` for a list of (class, angle) pairs.
+
+        Parameters
+        ----------
+        class_index
+            ``(n,)`` int64 classes.
+        psi_degrees
+            ``(n,)`` angles (degrees).
+        pixel_set
+            Frequencies (or slice ``[start:stop]``), ``p`` pixels.
+        start, stop
+            Optional slice of the pixel set.
+        max_chunk_bytes
+            Bound on temporary memory (chunks over ``n``).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, p)`` complex.
+        """
+        flat = self.data.reshape(-1)  # (k·M,)
+        m = self.data.shape[-2] * self.data.shape[-1]
+        n = int(psi_degrees.shape[0])
+        p = int(pixel_set.indices[start:stop].shape[0])
+        out = self.data.new_empty((n, p))
+        step = self._chunk(1, n, p, max_chunk_bytes)
+        real_dtype = self.data.real.dtype
+        for i in range(0, n, step):
+            psi = psi_degrees[i : i + step]
+            index, weight, conj = bilinear_plan(
+                psi, pixel_set, pad=self.pad, r_max=self.r_max, start=start, stop=stop
+            )
+            index = (
+                index + (class_index[i : i + step].to(index.device) * m)[:, None, None]
+            )
+            corners = flat[index]  # (c, p, 4)
+            vals = (corners * weight.to(real_dtype)).sum(-1)  # (c, p)
+            out[i : i + step] = torch.where(conj, vals.conj(), vals)
+        return out
+
+    def backproject_pairs(
+        self,
+        values: torch.Tensor | None,
+        class_index: torch.Tensor,
+        psi_degrees: torch.Tensor,
+        pixel_set: PixelSet,
+        out_data: torch.Tensor | None,
+        *,
+        weights: torch.Tensor | None = None,
+        out_weight: torch.Tensor | None = None,
+        target_index: torch.Tensor | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        max_chunk_bytes: int = 1 << 28,
+    ) -> None:
+        """Adjoint of :meth:`sample`: splat ``(n, p)`` rows onto padded grids, in place.
+
+        Parameters
+        ----------
+        values
+            ``(n, p)`` complex, or ``None``.
+        class_index
+            ``(n,)`` int64 classes (unused when ``target_index`` is given).
+        psi_degrees
+            ``(n,)`` angles (degrees).
+        pixel_set
+            Frequencies (or slice ``[start:stop]``), ``p`` pixels.
+        out_data
+            ``(c, P, P//2+1)`` complex accumulator (contiguous), or ``None``.
+        weights
+            ``(n, p)`` real values for ``out_weight``, or ``None``.
+        out_weight
+            ``(c, P, P//2+1)`` real accumulator (contiguous), or ``None``.
+        target_index
+            ``(n,)`` int64 slice of the accumulators receiving each row (default
+            ``class_index``); lets several accumulators (e.g. half sets) share one call.
+        start, stop
+            Optional slice of the pixel set.
+        max_chunk_bytes
+            Bound on temporary memory (chunks over ``n``).
+        """
+        target = class_index if target_index is None else target_index
+        m = self.padded_size * (self.padded_size // 2 + 1)
+        n = int(psi_degrees.shape[0])
+        p = int(pixel_set.indices[start:stop].shape[0])
+        step = self._chunk(1, n, p, max_chunk_bytes)
+        data_flat = out_data.view(-1) if out_data is not None else None
+        weight_flat = out_weight.view(-1) if out_weight is not None else None
+        for i in range(0, n, step):
+            psi = psi_degrees[i : i + step]
+            index, weight, conj = bilinear_plan(
+                psi, pixel_set, pad=self.pad, r_max=self.r_max, start=start, stop=stop
+            )
+            index = index + (target[i : i + step].to(index.device) * m)[:, None, None]
+            flat_index = index.reshape(-1)  # (c·p·4,)
+            if values is not None and data_flat is not None:
+                v = values[i : i + step]  # (c, p)
+                v = torch.where(conj, v.conj(), v)
+                contrib = v[..., None] * weight.to(v.real.dtype)  # (c, p, 4)
+                data_flat.index_add_(
+                    0, flat_index, contrib.reshape(-1).to(data_flat.dtype)
+                )
+            if weights is not None and weight_flat is not None:
+                wv = weights[i : i + step, :, None] * weight.to(
+                    weights.dtype
+                )  # (c, p, 4)
+                weight_flat.index_add_(
+                    0, flat_index, wv.reshape(-1).to(weight_flat.dtype)
+                )

@@ -1,0 +1,168 @@
+"""Shared plumbing of every ``cryoavg <job>`` command.
+
+* :func:`run_job` wraps a job's ``run(cfg)``: user errors (:class:`cryoavg.errors.CryoavgError`,
+  missing or invalid config values) become one line on standard error and exit status 2,
+  with no traceback.
+* :func:`job_directory` picks the RELION-style output directory ``JobType/jobNNN/`` (numbered
+  across the whole project directory, as RELION's pipeline does), records the command line
+  (``note.txt``) and the resolved config (``config.yaml``), and removes a directory that it
+  created itself when the job fails, so a failed job leaves no partial output.
+"""
+
+import contextlib
+import logging
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cryoavg.errors import ConfigError, CryoavgError, OutputError
+from cryoavg.io.atomic import atomic_write
+
+log = logging.getLogger("cryoavg")
+
+_JOB_NAME = re.compile(r"^job(\d{3,})$")
+
+
+def setup_logging(verbose: bool = True) -> None:
+    """Send cryoavg's log records to a rich console handler on standard error."""
+    from rich.logging import RichHandler
+
+    if any(isinstance(h, RichHandler) for h in log.handlers):
+        return
+    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+    handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+
+
+def command_line() -> str:
+    """The command line as the user typed it (``cryoavg <job> key=value ...``)."""
+    args = sys.argv[1:]
+    prog = os.environ.get("CRYOAVG_PROG", "cryoavg")
+    return " ".join([prog, *[shlex.quote(a) for a in args]])
+
+
+def next_job_directory(job_type: str, project_dir: str | Path = ".") -> Path:
+    """Return ``<project_dir>/<job_type>/jobNNN`` with NNN one above every job in the project.
+
+    Parameters
+    ----------
+    job_type
+        RELION-style job type directory, e.g. ``"Class2D"``.
+    project_dir
+        The project root (RELION projects are run from it).
+
+    Returns
+    -------
+    Path
+        A directory path that does not exist yet.
+    """
+    root = Path(project_dir)
+    highest = 0
+    if root.is_dir():
+        for type_dir in root.iterdir():
+            if not type_dir.is_dir() or type_dir.name.startswith("."):
+                continue
+            with contextlib.suppress(OSError):
+                for job in type_dir.iterdir():
+                    match = _JOB_NAME.match(job.name)
+                    if match and job.is_dir():
+                        highest = max(highest, int(match.group(1)))
+    return root / job_type / f"job{highest + 1:03d}"
+
+
+@contextlib.contextmanager
+def job_directory(
+    output: str | None, job_type: str, cfg: DictConfig | None = None
+) -> Iterator[Path]:
+    """Create (or reuse) a job's output directory for the duration of a job.
+
+    Parameters
+    ----------
+    output
+        Directory asked for on the command line, or ``None`` for the next ``jobNNN``.
+    job_type
+        RELION job type used for automatic numbering (``Simulate``, ``Class2D``, ...).
+    cfg
+        Resolved config, saved as ``config.yaml`` in the directory.
+
+    Yields
+    ------
+    Path
+        The job directory. If the block raises and the directory did not exist before,
+        the directory is removed again so that no partial output is left behind.
+    """
+    path = Path(output) if output else next_job_directory(job_type)
+    existed = path.exists()
+    if existed and not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot create the output directory ({err.strerror})") from err
+    try:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        note = path / "note.txt"
+        previous = note.read_text() if note.exists() else ""
+        with atomic_write(note) as handle:
+            handle.write(previous + f" ++++ {stamp} with the following command:\n")
+            handle.write(command_line() + "\n ++++\n")
+        if cfg is not None:
+            with atomic_write(path / "config.yaml") as handle:
+                handle.write(OmegaConf.to_yaml(cfg, resolve=True))
+        yield path
+    except BaseException:
+        if not existed:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def run_job(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run ``run(cfg)`` and turn user errors into one line on stderr and exit status 2.
+
+    Parameters
+    ----------
+    run
+        The job's testable entry point.
+    cfg
+        The composed Hydra config.
+
+    Returns
+    -------
+    Any
+        Whatever ``run`` returns.
+    """
+    setup_logging()
+    try:
+        return run(cfg)
+    except CryoavgError as err:
+        _fail(str(err))
+    except OmegaConfBaseException as err:
+        _fail(str(ConfigError(_omegaconf_message(err))))
+    except KeyboardInterrupt:
+        _fail("interrupted")
+    return None
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "Missing mandatory value" in first and key:
+        return f"the key '{key}' is required: add {key}=... to the command line"
+    return f"config key '{key}': {first}" if key else first
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)

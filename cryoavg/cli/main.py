@@ -1,0 +1,58 @@
+"""The ``cryoavg`` command: ``cryoavg <job> [key=value ...]``.
+
+Each job is a Hydra application with one primary config in ``configs/<job>.yaml``;
+``cryoavg <job> --help`` prints that job's keys and defaults, and any key can be overridden
+on the command line the usual Hydra way (``key=value``, ``group=option``, ``+new=1``).
+"""
+
+import importlib
+import os
+import sys
+
+from cryoavg import __version__
+
+#: job name -> (module holding ``main``, one-line description)
+JOBS: dict[str, tuple[str, str]] = {
+    "simulate": (
+        "cryoavg.cli.simulate",
+        "simulate particles (STAR + MRCS) from a 3D map, with junk and ground truth",
+    ),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in JOBS)
+    lines = [
+        f"cryoavg {__version__}: RELION-compatible cryo-EM processing in PyTorch",
+        "",
+        "usage: cryoavg <job> [key=value ...]     (Hydra overrides)",
+        "       cryoavg <job> --help              (the job's keys and defaults)",
+        "       cryoavg --version",
+        "",
+        "jobs:",
+    ]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in JOBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch ``cryoavg <job> ...`` to the job's Hydra entry point."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    if args[0] in ("-V", "--version"):
+        print(f"cryoavg {__version__}")
+        return
+    job = args[0]
+    if job not in JOBS:
+        sys.stderr.write(f"error: unknown job '{job}'; jobs: {', '.join(JOBS)}\n")
+        raise SystemExit(2)
+    module = importlib.import_module(JOBS[job][0])
+    os.environ["CRYOAVG_PROG"] = f"cryoavg {job}"
+    sys.argv = [f"cryoavg {job}", *args[1:]]
+    module.main()
+
+
+if __name__ == "__main__":
+    main()

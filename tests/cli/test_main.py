@@ -1,0 +1,43 @@
+import subprocess
+import sys
+
+from tests.conftest import compose_job
+
+from cryoavg.cli.main import JOBS
+
+
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cryoavg.cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def test_help_lists_jobs():
+    out = _cli("--help")
+    assert out.returncode == 0
+    for job in JOBS:
+        assert job in out.stdout
+
+
+def test_unknown_job_is_one_line_error():
+    out = _cli("nosuchjob")
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: unknown job 'nosuchjob'")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_job_help_shows_config():
+    out = _cli("simulate", "--help")
+    assert out.returncode == 0
+    for key in ("n_particles", "junk_fraction", "defocus_min_um", "pixel_size", "seed"):
+        assert key in out.stdout
+
+
+def test_every_primary_config_composes():
+    for job in JOBS:
+        cfg = compose_job(job)
+        assert "output" in cfg
