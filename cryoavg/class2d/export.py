@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +51,9 @@ from cryoavg.io import star as labels
 from cryoavg.io.mrc import write_mrc
 from cryoavg.io.particles import ParticleTable, format_image_name
 from cryoavg.io.star import RELION_STAR_VERSION, write_star
+
+#: Per-class values: a sequence, NumPy array or tensor.
+ArrayLike = Sequence[float] | np.ndarray | torch.Tensor
 
 if TYPE_CHECKING:
     from cryoavg.class2d.settings import Class2DSettings
@@ -297,6 +300,7 @@ _INCR_SIZE = 10
 _HEALPIX_ORDER_2D = 2
 _POOLED_PARTICLES = 3
 _SGD_MIN_RESOLUTION_ANGSTROM = 20.0
+_DEFAULT_OFFSET_PRIOR_SIGMA_ANGSTROM = 10.0
 
 #: Per-particle columns stored as integers.
 _INTEGER_PARTICLE_LABELS = (
@@ -548,7 +552,7 @@ def encode_moment_sections(moments: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def decode_moment_sections(sections: np.ndarray) -> np.ndarray:
-    """RELION moment-stack sections → complex un-shifted half planes (inverse of encode).
+    """RELION moment-stack sections → complex un-shifted half planes (inverse).
 
     Parameters
     ----------
@@ -576,7 +580,7 @@ def _last_shell_with_ssnr_above_one(ssnr: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _cube_shell_counts(maxres: int) -> np.ndarray:
-    """Integer points of the cube ``|v_i| ≤ maxres − 1`` per shell ``floor(|v|) ≤ maxres``.
+    """Integer points of the cube ``|v_i| ≤ maxres − 1`` per shell ``floor(|v|)``.
 
     Returns
     -------
@@ -649,7 +653,7 @@ def _angstrom_per_shell(box_size: int, pixel_size_angstrom: float) -> np.ndarray
 
 
 def _per_class(
-    values: Sequence[float] | np.ndarray | torch.Tensor | None,
+    values: ArrayLike | None,
     n_classes: int,
     name: str,
 ) -> np.ndarray:
@@ -701,7 +705,8 @@ def relion_command_line(
     -------
     list of str
         The arguments after the executable name, in the GUI's order. The random seed
-        is passed as ``--random_seed`` among the other arguments.
+        (``--random_seed``) and a non-default offset prior (``--offset``, Å) are
+        passed among the other arguments.
 
     Raises
     ------
@@ -738,7 +743,10 @@ def relion_command_line(
             args += ["--ctf_intact_first_peak"]
     args += ["--tau2_fudge", _format_number(settings.tau2_fudge)]
     if settings.particle_diameter_angstrom is not None:
-        args += ["--particle_diameter", _format_number(settings.particle_diameter_angstrom)]
+        args += [
+            "--particle_diameter",
+            _format_number(settings.particle_diameter_angstrom),
+        ]
     if is_new:
         args += ["--K", str(int(settings.n_classes))]
         if settings.flatten_solvent:
@@ -746,7 +754,10 @@ def relion_command_line(
         if settings.zero_mask:
             args += ["--zero_mask"]
         if settings.highres_limit_angstrom > 0:
-            args += ["--strict_highres_exp", _format_number(settings.highres_limit_angstrom)]
+            args += [
+                "--strict_highres_exp",
+                _format_number(settings.highres_limit_angstrom),
+            ]
     if settings.center_classes:
         args += ["--center_classes"]
     args += [
@@ -767,7 +778,10 @@ def relion_command_line(
     args += ["--j", str(int(threads))]
     if gpu_ids is not None:
         args += ["--gpu", gpu_ids]
-    args += ["--random_seed", str(int(settings.seed)), *map(str, extra_args)]
+    args += ["--random_seed", str(int(settings.seed))]
+    if settings.offset_prior_sigma_angstrom != _DEFAULT_OFFSET_PRIOR_SIGMA_ANGSTROM:
+        args += ["--offset", _format_number(settings.offset_prior_sigma_angstrom)]
+    args += [str(arg) for arg in extra_args]
     job_dir = os.path.dirname(root)
     args += ["--pipeline_control", f"{job_dir}/" if job_dir else "./"]
     return args
@@ -856,9 +870,7 @@ def _model_blocks(
     ssnr = _numpy(state.ssnr)
     completeness = _numpy(state.fourier_completeness)
     resolution = (
-        estimated_resolution_angstrom(
-            torch.as_tensor(ssnr, dtype=torch.float64), n, p
-        )
+        estimated_resolution_angstrom(torch.as_tensor(ssnr, dtype=torch.float64), n, p)
         .cpu()
         .numpy()
     )
@@ -957,10 +969,14 @@ def _as_relion31(
     if optics is not None:
         return particles.copy(), optics.copy()
     columns = set(particles.columns)
-    has_pixel = labels.IMAGE_PIXEL_SIZE in columns or {
-        labels.DETECTOR_PIXEL_SIZE,
-        labels.MAGNIFICATION,
-    } <= columns
+    has_pixel = (
+        labels.IMAGE_PIXEL_SIZE in columns
+        or {
+            labels.DETECTOR_PIXEL_SIZE,
+            labels.MAGNIFICATION,
+        }
+        <= columns
+    )
     table = ParticleTable(
         particles=particles,
         optics=None,
@@ -1015,12 +1031,19 @@ def _data_blocks(
         labels.LOG_LIKELI_CONTRIBUTION: 0.0,
         labels.MAX_VALUE_PROB_DISTRIBUTION: 0.0,
         labels.NR_OF_SIGNIFICANT_SAMPLES: 0,
-        labels.GROUP_NUMBER: 1,
     }
+    if labels.GROUP_NUMBER not in frame.columns:
+        # RELION (re)assigns group numbers when it reads the particles (§A.4.1)
+        table = ParticleTable(
+            particles=frame, optics=optics_frame, path=Path(data_path)
+        )
+        frame[labels.GROUP_NUMBER] = table.micrograph_group_index + 1
     for label, value in defaults.items():
         if label not in frame.columns:
             frame[label] = np.full(
-                frame.shape[0], value, dtype=np.int64 if isinstance(value, int) else None
+                frame.shape[0],
+                value,
+                dtype=np.int64 if isinstance(value, int) else None,
             )
     if input_columns is None:
         first = [c for c in frame.columns if c not in DATA_ADDED_LABELS]
@@ -1098,7 +1121,7 @@ def _optimiser_block(
         "rlnAdaptiveOversampleFraction": float(settings.adaptive_fraction),
         "rlnRandomSeed": int(settings.seed),
         "rlnParticleDiameter": float(diameter),
-        "rlnWidthMaskEdge": int(round(settings.mask_edge_px)),
+        "rlnWidthMaskEdge": round(settings.mask_edge_px),
         "rlnDoZeroMask": bool(settings.zero_mask),
         "rlnDoSolventFlattening": bool(settings.flatten_solvent),
         "rlnDoSolventFscCorrection": False,
@@ -1157,7 +1180,7 @@ def _optimiser_block(
         "rlnChangesOptimalClasses": float(changes.classes),
         "rlnSmallestChangesOrientations": float(changes.smallest_orientations_degrees),
         "rlnSmallestChangesOffsets": float(changes.smallest_offsets_angstrom),
-        "rlnSmallestChangesClasses": int(round(changes.smallest_classes)),
+        "rlnSmallestChangesClasses": round(changes.smallest_classes),
         "rlnLocalSymmetryFile": "None",
         "rlnDoHelicalRefine": False,
         "rlnIgnoreHelicalSymmetry": False,
@@ -1232,17 +1255,15 @@ def write_iteration(
     command_line: str | Sequence[str],
     pixel_size_angstrom: float,
     n_particles_total: int,
-    accuracy_rotations_degrees: Sequence[float] | np.ndarray | torch.Tensor | None = None,
-    accuracy_translations_angstrom: Sequence[float]
-    | np.ndarray
-    | torch.Tensor
-    | None = None,
+    accuracy_rotations_degrees: ArrayLike | None = None,
+    accuracy_translations_angstrom: ArrayLike | None = None,
     changes: IterationChanges | None = None,
     write_moments: bool | None = None,
     subset_size: int | None = None,
     input_columns: Sequence[str] | None = None,
     image_name_digits: int = 6,
     star_version: int = RELION_STAR_VERSION,
+    unmasked_class_images: ArrayLike | None = None,
 ) -> IterationPaths:
     """Write all RELION files of one Class2D iteration (spec §B).
 
@@ -1297,6 +1318,10 @@ def write_iteration(
         Digits of the ``NNNNNN@stack`` names (6: RELION 4.0/5.0.0, 8: 5.0.1+).
     star_version
         Number in the ``# version`` lines.
+    unmasked_class_images
+        ``(k, N, N)`` class images before solvent flattening; when given (EM), written
+        to ``<root>_unmasked_classes.mrcs`` (no iteration number, overwritten each
+        time, as RELION does).
 
     Returns
     -------
@@ -1332,6 +1357,15 @@ def write_iteration(
         accuracy_translations_angstrom, k, "accuracy_translations_angstrom"
     )
     header = optimiser_header_lines(command_line)
+    unmasked = None
+    if unmasked_class_images is not None:
+        unmasked = _numpy(unmasked_class_images, np.float32)
+        expected_shape = tuple(state.class_images.shape)
+        if unmasked.shape != expected_shape:
+            raise ValueError(
+                f"unmasked_class_images must have shape {expected_shape}, "
+                f"got {unmasked.shape}"
+            )
 
     # Build every table before writing anything, so that bad inputs leave no files.
     model = _model_blocks(
@@ -1367,6 +1401,8 @@ def write_iteration(
     )
 
     write_mrc(paths.classes, _numpy(state.class_images, np.float32), p, is_stack=True)
+    if unmasked is not None:
+        write_mrc(f"{root_name}_unmasked_classes.mrcs", unmasked, p, is_stack=True)
     if write_moments:
         moment1 = state.moment1.detach().cpu()
         sections = encode_moment_sections(moment1.reshape(2 * k, *moment1.shape[-2:]))
@@ -1388,4 +1424,3 @@ def write_iteration(
         header_comments=header,
     )
     return paths
-

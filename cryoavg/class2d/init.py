@@ -18,14 +18,12 @@ Conventions
   ``--nr_parts_sigma2noise``) is the caller's job: pass the chosen subset.
 """
 
-from __future__ import annotations
-
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
 from cryoavg.class2d.mstep import _fill_shells
+from cryoavg.class2d.state import Class2DState
 from cryoavg.ops.fourier import (
     dft_2d,
     idft_2d,
@@ -35,9 +33,6 @@ from cryoavg.ops.fourier import (
     shell_index,
 )
 from cryoavg.ops.masks import soft_mask_outside_2d
-
-if TYPE_CHECKING:
-    from cryoavg.class2d.state import Class2DState
 
 __all__ = [
     "blob_class_images",

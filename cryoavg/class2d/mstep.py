@@ -22,15 +22,15 @@ Conventions
   ``+s``, i.e. multiplies the transform by ``exp(−2πi q·s / N)``.
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from cryoavg.class2d.projector import gridding_correction_map
+from cryoavg.class2d.schedule import VdamSchedule
+from cryoavg.class2d.state import Class2DState
+from cryoavg.class2d.statistics import Class2DStatistics
 from cryoavg.ops.fourier import dft_2d, idft_2d, shell_pixel_counts
 from cryoavg.ops.masks import (
     center_of_mass_2d,
@@ -39,12 +39,7 @@ from cryoavg.ops.masks import (
 )
 from cryoavg.ops.shifts import phase_shift_dft_2d
 
-if TYPE_CHECKING:
-    from cryoavg.class2d.schedule import VdamSchedule
-    from cryoavg.class2d.state import Class2DState
-
 __all__ = [
-    "SufficientStatistics",
     "VdamUpdateResult",
     "center_classes",
     "class_power_spectrum",
@@ -59,23 +54,6 @@ __all__ = [
 ]
 
 _MIN_SIGMA2_NOISE = 1e-14
-
-
-class SufficientStatistics(Protocol):
-    """Fields of :class:`~cryoavg.class2d.statistics.Class2DStatistics` read here."""
-
-    data: torch.Tensor
-    weight: torch.Tensor
-    class_weight: torch.Tensor
-    offset_sum_angstrom: torch.Tensor
-    sigma2_offset_sum: torch.Tensor
-    noise_power: torch.Tensor
-    noise_weight: torch.Tensor
-    scale_xa: torch.Tensor
-    scale_aa: torch.Tensor
-    norm_sum: torch.Tensor
-    log_likelihood: torch.Tensor
-    pmax_sum: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -118,8 +96,6 @@ class _PaddedGrid:
     shell: torch.Tensor  # (P, P//2+1) long, n_shells outside the mask
     inside: torch.Tensor  # (P, P//2+1) bool, r < r_max
     n_shells: int
-    ky: torch.Tensor  # (P, 1) padded integer frequency
-    kx: torch.Tensor  # (1, P//2+1)
 
 
 def _padded_grid(
@@ -140,18 +116,12 @@ def _padded_grid(
         shell=shell,
         inside=inside,
         n_shells=n_shells,
-        ky=ky[:, None].to(dtype),
-        kx=kx[None, :].to(dtype),
     )
 
 
-def _padded_shell_sum(
-    values: torch.Tensor, grid: _PaddedGrid, mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def _padded_shell_sum(values: torch.Tensor, grid: _PaddedGrid) -> torch.Tensor:
     """Sum ``(…, P, P//2+1)`` values per shell over ``r < r_max`` → ``(…, f)``."""
     shell = grid.shell
-    if mask is not None:
-        shell = torch.where(mask, shell, torch.full_like(shell, grid.n_shells))
     lead = values.shape[:-2]
     flat = values.reshape(*lead, -1)
     out = flat.new_zeros(*lead, grid.n_shells + 1)
@@ -387,7 +357,7 @@ def _fill_shells(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def em_update(
     state: Class2DState,
-    stats: SufficientStatistics,
+    stats: Class2DStatistics,
     tau2_fudge: float,
     *,
     do_map: bool = True,
@@ -497,7 +467,7 @@ def em_update(
     )
 
 
-def _check_shapes(state: Class2DState, stats: SufficientStatistics) -> None:
+def _check_shapes(state: Class2DState, stats: Class2DStatistics) -> None:
     k, big = state.n_classes, state.padded_size
     expected = (2, k, big, big // 2 + 1)
     if tuple(stats.data.shape) != expected or tuple(stats.weight.shape) != expected:
@@ -525,7 +495,7 @@ def _check_shapes(state: Class2DState, stats: SufficientStatistics) -> None:
 @torch.no_grad()
 def update_other_parameters(
     state: Class2DState,
-    stats: SufficientStatistics,
+    stats: Class2DStatistics,
     mu: float = 0.0,
     *,
     do_norm: bool = True,
@@ -644,7 +614,7 @@ def update_other_parameters(
 @torch.no_grad()
 def vdam_update(
     state: Class2DState,
-    stats: SufficientStatistics,
+    stats: Class2DStatistics,
     step_size: float,
     tau2_fudge: float,
     mu: float,
@@ -845,7 +815,7 @@ def vdam_update(
 
 def vdam_update_for_iteration(
     state: Class2DState,
-    stats: SufficientStatistics,
+    stats: Class2DStatistics,
     schedule: VdamSchedule,
     iteration: int,
     *,

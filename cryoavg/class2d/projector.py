@@ -5,8 +5,8 @@ sampled in a rotated frame (spec §0.3, §A.3)::
 
     P_kψ(q) = F_k(Rz(ψ) q),     Rz(ψ) = [[cos ψ, −sin ψ], [sin ψ, cos ψ]]  on (x, y)
 
-i.e. the class image actively rotated by ``Rz(−ψ)`` about pixel ``N//2``. ``F_k`` is held
-on a ``pad``-times finer Fourier grid (``P = pad·N``) and sampled with bilinear
+i.e. the class image actively rotated by ``Rz(−ψ)`` about pixel ``N//2``. ``F_k`` is
+held on a ``pad``-times finer Fourier grid (``P = pad·N``) and sampled with bilinear
 interpolation at ``pad·Rz(ψ) q``; before padding the real-space image is divided by
 ``sinc²(r / P)`` (gridding pre-correction, §A.6.4) so that the blur of linear
 interpolation is compensated on average.
@@ -20,7 +20,8 @@ points with ``|q| > r_max`` give zero, and the padded data are zero beyond
 ``pad·r_max`` (as RELION's projector built with ``current_size = 2·r_max``).
 
 :meth:`ClassProjector.backproject` is the exact (real-linear) adjoint of
-:meth:`ClassProjector.rotated_references`: bilinear splatting onto the padded half plane.
+:meth:`ClassProjector.rotated_references` (and :meth:`ClassProjector.backproject_pairs`
+of :meth:`ClassProjector.sample`): bilinear splatting onto the padded half plane.
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ __all__ = ["ClassProjector", "bilinear_plan", "gridding_correction_map"]
 
 
 def gridding_correction_map(
-    box_size: int, pad: int, *, dtype=torch.float64, device=None
-):
+    box_size: int,
+    pad: int,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Real-space gridding pre-correction ``sinc²(r / (pad·N))``.
 
     Parameters
@@ -306,6 +311,20 @@ class ClassProjector:
                     1, flat_index, wv.reshape(k, -1).to(weight_flat.dtype)
                 )
 
+    def _unique_plan(
+        self,
+        psi_degrees: torch.Tensor,
+        pixel_set: PixelSet,
+        start: int,
+        stop: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bilinear plan of the distinct angles; ``inverse (n,)`` maps rows to them."""
+        angles, inverse = torch.unique(psi_degrees, return_inverse=True)
+        index, weight, conj = bilinear_plan(
+            angles, pixel_set, pad=self.pad, r_max=self.r_max, start=start, stop=stop
+        )
+        return index, weight.to(self.data.real.dtype), conj, inverse
+
     def sample(
         self,
         class_index: torch.Tensor,
@@ -341,19 +360,16 @@ class ClassProjector:
         n = int(psi_degrees.shape[0])
         p = int(pixel_set.indices[start:stop].shape[0])
         out = self.data.new_empty((n, p))
+        index, weight, conj, inverse = self._unique_plan(
+            psi_degrees, pixel_set, start, stop
+        )
+        offset = class_index.to(index.device) * m  # (n,)
         step = self._chunk(1, n, p, max_chunk_bytes)
-        real_dtype = self.data.real.dtype
         for i in range(0, n, step):
-            psi = psi_degrees[i : i + step]
-            index, weight, conj = bilinear_plan(
-                psi, pixel_set, pad=self.pad, r_max=self.r_max, start=start, stop=stop
-            )
-            index = (
-                index + (class_index[i : i + step].to(index.device) * m)[:, None, None]
-            )
-            corners = flat[index]  # (c, p, 4)
-            vals = (corners * weight.to(real_dtype)).sum(-1)  # (c, p)
-            out[i : i + step] = torch.where(conj, vals.conj(), vals)
+            sel = inverse[i : i + step]
+            idx = index[sel] + offset[i : i + step, None, None]  # (c, p, 4)
+            vals = (flat[idx] * weight[sel]).sum(-1)  # (c, p)
+            out[i : i + step] = torch.where(conj[sel], vals.conj(), vals)
         return out
 
     def backproject_pairs(
@@ -401,27 +417,22 @@ class ClassProjector:
         m = self.padded_size * (self.padded_size // 2 + 1)
         n = int(psi_degrees.shape[0])
         p = int(pixel_set.indices[start:stop].shape[0])
+        index, weight, conj, inverse = self._unique_plan(
+            psi_degrees, pixel_set, start, stop
+        )
+        offset = target.to(index.device) * m  # (n,)
         step = self._chunk(1, n, p, max_chunk_bytes)
         data_flat = out_data.view(-1) if out_data is not None else None
         weight_flat = out_weight.view(-1) if out_weight is not None else None
         for i in range(0, n, step):
-            psi = psi_degrees[i : i + step]
-            index, weight, conj = bilinear_plan(
-                psi, pixel_set, pad=self.pad, r_max=self.r_max, start=start, stop=stop
-            )
-            index = index + (target[i : i + step].to(index.device) * m)[:, None, None]
-            flat_index = index.reshape(-1)  # (c·p·4,)
+            sel = inverse[i : i + step]
+            flat_index = (index[sel] + offset[i : i + step, None, None]).reshape(-1)
+            bw = weight[sel]  # (c, p, 4)
             if values is not None and data_flat is not None:
                 v = values[i : i + step]  # (c, p)
-                v = torch.where(conj, v.conj(), v)
-                contrib = v[..., None] * weight.to(v.real.dtype)  # (c, p, 4)
-                data_flat.index_add_(
-                    0, flat_index, contrib.reshape(-1).to(data_flat.dtype)
-                )
+                v = torch.where(conj[sel], v.conj(), v)
+                contrib = (v[..., None] * bw.to(v.real.dtype)).reshape(-1)  # (c·p·4,)
+                data_flat.index_add_(0, flat_index, contrib.to(data_flat.dtype))
             if weights is not None and weight_flat is not None:
-                wv = weights[i : i + step, :, None] * weight.to(
-                    weights.dtype
-                )  # (c, p, 4)
-                weight_flat.index_add_(
-                    0, flat_index, wv.reshape(-1).to(weight_flat.dtype)
-                )
+                wv = (weights[i : i + step, :, None] * bw.to(weights.dtype)).reshape(-1)
+                weight_flat.index_add_(0, flat_index, wv.to(weight_flat.dtype))

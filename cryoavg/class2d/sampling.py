@@ -87,7 +87,8 @@ class PsiGrid:
     coarse_degrees
         ``(r_c,)`` float64 coarse angles incl. perturbation, wrapped to ``(-180, 180]``.
     fine_degrees
-        ``(2·r_c,)`` float64 fine angles; fine index ``2·j + m`` belongs to coarse ``j``.
+        ``(2·r_c,)`` float64 fine angles; fine index ``2·j + m`` belongs to coarse
+        ``j``.
     """
 
     coarse_step_degrees: float
@@ -302,8 +303,9 @@ class PixelSet:
 
     All pixels of the un-shifted ``rfft`` layout ``(N, N//2+1)`` with
     ``ires = round(sqrt(kx² + ky²)) ≤ s/2``, excluding the redundant half column
-    (``kx = 0, ky < 0``; the Nyquist row ``ky = -N/2`` counts as ``+N/2`` and is kept, as
-    in RELION and :func:`cryoavg.ops.fourier.shell_index`). They are sorted by ``(ires, flat index)`` so that
+    (``kx = 0, ky < 0``; the Nyquist row ``ky = -N/2`` counts as ``+N/2`` and is kept,
+    as in RELION and :func:`cryoavg.ops.fourier.shell_index`). They are sorted by
+    ``(ires, flat index)`` so that
 
     * element 0 is the DC pixel (``ires = 0``) — excluded from the likelihood but used
       by the noise/norm/scale statistics and the reconstruction;

@@ -13,8 +13,6 @@ Conventions
 * ``subset_size`` returns ``-1`` for "all particles", exactly as RELION stores it.
 """
 
-from __future__ import annotations
-
 import math
 import re
 

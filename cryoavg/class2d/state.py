@@ -28,8 +28,6 @@ Conventions
   to the view update the buffer.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 

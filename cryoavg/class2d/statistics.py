@@ -39,8 +39,9 @@ class Class2DStatistics:
     noise_weight
         ``(g,)`` Σ w per optics group.
     scale_xa, scale_aa
-        ``(m,)`` Σ w·Re(conj(CTF·P)·X) / ... per micrograph group (already divided by
-        ``s`` resp. ``s²``), over shells with SSNR_k > 3.
+        ``(m,)`` per micrograph group, over pixels whose shell has SSNR_k > 3:
+        ``Σ w·Re(conj(CTF·P)·X_masked·φ_t)`` and ``Σ w·|CTF·P|²``, i.e. RELION's XA and
+        AA (computed with ``s·CTF·P``) already divided by ``s`` resp. ``s²``.
     norm_sum
         ``()`` Σ of the new per-particle norm corrections.
     weight_sum
@@ -152,7 +153,7 @@ class Class2DStatistics:
         return self
 
     def all_reduce(self, group=None) -> Class2DStatistics:
-        """Sum over DDP ranks in place (no-op unless ``torch.distributed`` is initialised).
+        """Sum over DDP ranks in place (no-op without an initialised process group).
 
         Parameters
         ----------

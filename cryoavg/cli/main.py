@@ -13,6 +13,10 @@ from cryoavg import __version__
 
 #: job name -> (module holding ``main``, one-line description)
 JOBS: dict[str, tuple[str, str]] = {
+    "class2d": (
+        "cryoavg.cli.class2d",
+        "reference-free 2D class averaging (RELION Class2D: VDAM or EM)",
+    ),
     "simulate": (
         "cryoavg.cli.simulate",
         "simulate particles (STAR + MRCS) from a 3D map, with junk and ground truth",

@@ -133,6 +133,15 @@ class ParticleDataset(Dataset):
             **self._metadata(torch.tensor(particle, dtype=torch.int64)),
         }
 
+    def __getitems__(self, items: list[int]) -> list[dict[str, Any]]:
+        """Items for a DataLoader batch, with all images read in one go.
+
+        PyTorch's DataLoader calls this instead of :meth:`__getitem__` per item; the
+        default collate then stacks the items as usual.
+        """
+        batch = self.get_batch(items)
+        return [_select_item(batch, position) for position in range(len(items))]
+
     def get_batch(
         self, items: Sequence[int] | np.ndarray | torch.Tensor
     ) -> dict[str, Any]:
@@ -156,6 +165,16 @@ class ParticleDataset(Dataset):
         particles = self.indices[positions]
         images = torch.from_numpy(self.source.images(particles))
         return {"image": images, **self._metadata(torch.from_numpy(particles))}
+
+
+def _select_item(batch: dict[str, Any], position: int) -> dict[str, Any]:
+    """Item ``position`` of a batch dict (recursing into the ``ctf`` dict)."""
+    return {
+        key: _select_item(value, position)
+        if isinstance(value, dict)
+        else value[position]
+        for key, value in batch.items()
+    }
 
 
 class ParticleDataModule(lightning.LightningDataModule):
@@ -195,7 +214,7 @@ class ParticleDataModule(lightning.LightningDataModule):
         num_workers: int = 0,
         preread: bool = False,
         pixel_size_angstrom: float | None = None,
-        project_dir: str | None = None,
+        project_dir: str | os.PathLike[str] | None = None,
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,

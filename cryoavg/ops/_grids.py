@@ -58,16 +58,13 @@ def centred_radius_grid(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Distance in pixels of every pixel from the origin ``n // 2``: ``shape``
-    tensor.
-    """
+    """Distance in pixels of every pixel from the origin ``n // 2``."""
     coordinates = centred_coordinate_grid(shape, device=device, dtype=dtype)
     return torch.linalg.vector_norm(coordinates, dim=-1)
 
 
 def floating_dtype(*tensors: object) -> torch.dtype:
-    """The promoted floating dtype of the tensors among ``tensors`` (default dtype if
-    none).
+    """The promoted floating dtype of the given tensors (default dtype if none).
 
     Complex tensors contribute their real counterpart (complex128 -> float64).
     """

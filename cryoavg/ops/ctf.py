@@ -83,9 +83,7 @@ def _phase_and_envelope(
     bfactor_angstrom2: torch.Tensor,
     scale: torch.Tensor,
 ) -> torch.Tensor:
-    """RELION's CTF given |k|^2 (1/Å^2) and cos(2 (phi_k - angle)); all
-    broadcastable.
-    """
+    """RELION's CTF from |k|^2 (1/Å^2) and cos(2 (phi_k - angle)), broadcastable."""
     defocus_average = -(defocus_u_angstrom + defocus_v_angstrom) * 0.5
     defocus_deviation = -(defocus_u_angstrom - defocus_v_angstrom) * 0.5
     delta_f = defocus_average + defocus_deviation * cos_term

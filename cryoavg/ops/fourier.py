@@ -1,5 +1,4 @@
-"""Discrete Fourier transforms, frequency grids and radial-shell statistics (RELION
-conventions).
+"""RELION-convention DFTs, frequency grids and radial-shell statistics.
 
 Conventions owned by this module
 --------------------------------
@@ -56,9 +55,7 @@ def _spatial_dims(ndim: int) -> tuple[int, ...]:
 
 
 def _shift_dims(ndim: int, rfft: bool) -> tuple[int, ...]:
-    """Axes that (i)fftshift acts on: all spatial axes, except the half axis of an
-    rfft.
-    """
+    """Axes that (i)fftshift acts on: all spatial axes but the half axis of an rfft."""
     dims = _spatial_dims(ndim)
     return dims[:-1] if rfft else dims
 
@@ -276,8 +273,7 @@ def shell_index(
     exclude_redundant: bool = False,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Radial shell index ``ires = round(|k| * N)`` of every Fourier pixel (RELION
-    §0.1).
+    """Radial shell index ``ires = round(|k| * N)`` of every Fourier pixel (§0.1).
 
     Parameters
     ----------
@@ -416,8 +412,7 @@ def shell_pixel_counts(
 
 
 def power_spectrum_1d(images: torch.Tensor, *, ndim: int = 2) -> torch.Tensor:
-    """Shell-averaged power ``|F|**2`` of images or volumes (RELION-normalised
-    transform).
+    """Shell-averaged power ``|F|**2`` of images or volumes (RELION normalisation).
 
     Parameters
     ----------
@@ -468,8 +463,7 @@ def _fourier_correlation(a: torch.Tensor, b: torch.Tensor, ndim: int) -> torch.T
 
 
 def fourier_ring_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Fourier ring correlation per shell ``ires = round(|k| N)`` (RELION ``getFSC``
-    binning).
+    """Fourier ring correlation per shell ``round(|k| N)`` (RELION ``getFSC``).
 
     Sums run over the whole rfft half plane (as RELION's ``getFSC``), shells
     ``0 .. N // 2``.
@@ -496,8 +490,7 @@ def fourier_ring_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def fourier_shell_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Fourier shell correlation of volumes; 3D version of
-    :func:`fourier_ring_correlation`.
+    """Fourier shell correlation of volumes (3D :func:`fourier_ring_correlation`).
 
     Parameters
     ----------
@@ -702,8 +695,7 @@ def _resize_fourier(x: torch.Tensor, new_size: int, ndim: int) -> torch.Tensor:
 
 
 def resize_fourier_2d(images: torch.Tensor, new_size: int) -> torch.Tensor:
-    """Resize square images by cropping or zero-padding their Fourier transform (RELION
-    ``resizeMap``).
+    """Resize square images by Fourier cropping/zero-padding (RELION ``resizeMap``).
 
     With RELION's normalisation the real-space intensity scale is preserved (a constant
     image stays the same constant); the pixel size changes by ``N / new_size``.

@@ -80,8 +80,7 @@ def _safe_sqrt(value: torch.Tensor) -> torch.Tensor:
 
 
 def euler_angles_to_matrix(angles_degrees: torch.Tensor) -> torch.Tensor:
-    """RELION ``Euler_angles2matrix``: ZYZ ``(rot, tilt, psi)`` to the matrix ``A``
-    (xyz).
+    """RELION ``Euler_angles2matrix``: ZYZ ``(rot, tilt, psi)`` to the matrix ``A``.
 
     Parameters
     ----------

@@ -1,5 +1,4 @@
-"""Translations of images and volumes: Fourier phase shifts, integer shifts and search
-grids.
+"""Translations: Fourier phase shifts, integer shifts and translation search grids.
 
 Conventions owned by this module
 --------------------------------
@@ -123,7 +122,6 @@ def phase_shift_dft_2d(
     dft: torch.Tensor,
     shifts_px: torch.Tensor,
     image_shape: Sequence[int],
-    *,
     rfft: bool = True,
     fftshifted: bool = False,
 ) -> torch.Tensor:
@@ -157,7 +155,6 @@ def phase_shift_dft_3d(
     dft: torch.Tensor,
     shifts_px: torch.Tensor,
     volume_shape: Sequence[int],
-    *,
     rfft: bool = True,
     fftshifted: bool = False,
 ) -> torch.Tensor:

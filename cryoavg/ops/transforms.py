@@ -1,5 +1,4 @@
-"""Real-space rotations/translations (``grid_sample``) and rotations of Fourier
-transforms.
+"""Rigid transforms of images/volumes (``grid_sample``) and Fourier-space rotations.
 
 Conventions owned by this module
 --------------------------------
@@ -53,8 +52,7 @@ InterpolationMode3D = Literal["bilinear", "nearest"]
 def _to_grid_sample_coordinates(
     coordinates_px: torch.Tensor, shape: Sequence[int]
 ) -> torch.Tensor:
-    """Array-order pixel coordinates ``(..., ndim)`` -> ``grid_sample`` coordinates (xyz
-    order).
+    """Array-order pixel coordinates -> ``grid_sample`` coordinates (xyz order).
 
     Pixel ``0`` maps to -1 and pixel ``n - 1`` to +1 (``align_corners=True``).
     """
@@ -68,9 +66,7 @@ def _to_grid_sample_coordinates(
 def _grid_sample(
     data: torch.Tensor, coordinates_px: torch.Tensor, mode: str
 ) -> torch.Tensor:
-    """Sample ``data`` (b, c, *spatial) at array-order pixel coordinates (b, *out,
-    ndim).
-    """
+    """Sample data (b, c, *spatial) at array-order pixel coordinates (b, *out, ndim)."""
     grid = _to_grid_sample_coordinates(coordinates_px, data.shape[2:])
     return F.grid_sample(
         data, grid, mode=mode, padding_mode="zeros", align_corners=True
@@ -191,8 +187,7 @@ def transform_volumes_3d(
     mode: InterpolationMode3D = "bilinear",
     zyx: bool = False,
 ) -> torch.Tensor:
-    """Apply rigid operators to volumes: ``out(x) = in(A^T (x - t))`` (RELION local
-    symmetry).
+    """Apply rigid operators ``out(x) = in(A^T (x - t))`` (RELION local symmetry).
 
     ``x`` is measured from the centre voxel ``n // 2``; samples outside the input are 0.
     The result is differentiable with respect to ``volumes``, ``rotation_matrices`` and
@@ -283,6 +278,16 @@ def padded_dft_2d(
     -------
     torch.Tensor
         ``(..., M, M // 2 + 1)`` complex rfft (origin-centred, not fftshifted).
+
+    Notes
+    -----
+    The gridding correction compensates the average attenuation of bilinear
+    interpolation (as RELION's projector does). Samples that fall exactly on grid
+    points (0 or 90 degree rotations) are not attenuated, so with the correction they
+    come out amplified towards the box edge (by ``1 / sinc^2(1 / (2 pad))`` per axis,
+    about 1.23 at the edge and 1.5 in the corners for ``pad_factor=2``). For a smooth
+    64 px image rotated by 17 degrees the maximum error drops from ~6% to ~1% with the
+    correction (pad 2).
     """
     if images.ndim < 2 or images.shape[-1] != images.shape[-2]:
         raise ValueError(
@@ -403,8 +408,7 @@ def rotate_dft_2d(
     pad_factor: int = 2,
     gridding_correction: bool = True,
 ) -> torch.Tensor:
-    """Rotate images given by their rfft, in Fourier space (bilinear on an oversampled
-    grid).
+    """Rotate images given by their rfft, in Fourier space (oversampled bilinear).
 
     Convenience wrapper: :func:`padded_dft_2d` of the image, then
     :func:`sample_rotated_dft_2d`. To rotate the same images by many angle sets, compute

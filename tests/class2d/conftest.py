@@ -36,10 +36,18 @@ def blob_image(blobs, n, psi_degrees=0.0, dtype=torch.float64):
     return out
 
 
-def simple_ctf(pixel_set: PixelSet, strength: float, dtype=torch.float64) -> torch.Tensor:
-    """A real, CTF-like modulation ``-sin(0.1 + strength·|k|²)`` on a pixel set: ``(p,)``."""
-    k2 = (pixel_set.ky.double() ** 2 + pixel_set.kx.double() ** 2) / pixel_set.box_size**2
-    return (-torch.sin(0.1 + strength * k2)).to(dtype) if strength > 0 else torch.ones_like(k2, dtype=dtype)
+def simple_ctf(
+    pixel_set: PixelSet, strength: float, dtype=torch.float64
+) -> torch.Tensor:
+    """A real, CTF-like modulation ``-sin(0.1 + strength·|k|²)``: ``(p,)``."""
+    k2 = (
+        pixel_set.ky.double() ** 2 + pixel_set.kx.double() ** 2
+    ) / pixel_set.box_size**2
+    return (
+        (-torch.sin(0.1 + strength * k2)).to(dtype)
+        if strength > 0
+        else torch.ones_like(k2, dtype=dtype)
+    )
 
 
 @dataclass
@@ -81,27 +89,42 @@ def make_batch(
 
 @pytest.fixture
 def synthetic():
-    """Factory: ``synthetic(psi_grid, translation_grid, pixel_set, n, noise, ctf_strength)``."""
+    """Factory: ``synthetic(psi_grid, translation_grid, pixel_set, ...)``."""
 
-    def build(psi_grid, translation_grid, pixel_set, *, n_particles=60, snr=None, sigma2=None,
-              ctf_strength=0.0, seed=0) -> Synthetic:
+    def build(
+        psi_grid,
+        translation_grid,
+        pixel_set,
+        *,
+        n_particles=60,
+        snr=None,
+        sigma2=None,
+        ctf_strength=0.0,
+        seed=0,
+    ) -> Synthetic:
         gen = torch.Generator().manual_seed(seed)
         n = pixel_set.box_size
         k = len(BLOBS)
         classes = torch.stack([blob_image(i, n) for i in range(k)])
         true_class = torch.arange(n_particles) % k
         true_psi = torch.randint(0, psi_grid.n_fine, (n_particles,), generator=gen)
-        true_trans = torch.randint(0, translation_grid.n_fine, (n_particles,), generator=gen)
+        true_trans = torch.randint(
+            0, translation_grid.n_fine, (n_particles,), generator=gen
+        )
         parts = torch.stack(
             [
-                blob_image(int(true_class[i]), n, float(psi_grid.fine_degrees[true_psi[i]]))
+                blob_image(
+                    int(true_class[i]), n, float(psi_grid.fine_degrees[true_psi[i]])
+                )
                 for i in range(n_particles)
             ]
         )
         ft = dft_2d(parts).reshape(n_particles, -1)[:, pixel_set.indices]  # (b, p)
         # shift by -origin: multiply by exp(+2πi q·t/N)
         t = translation_grid.fine_px[true_trans]  # (b, 2)
-        angle = (2 * math.pi / n) * (t[:, :1] * pixel_set.ky.double() + t[:, 1:] * pixel_set.kx.double())
+        angle = (2 * math.pi / n) * (
+            t[:, :1] * pixel_set.ky.double() + t[:, 1:] * pixel_set.kx.double()
+        )
         ft = ft * torch.polar(torch.ones_like(angle), angle)
         ctf = simple_ctf(pixel_set, ctf_strength)
         ft = ft * ctf

@@ -38,15 +38,21 @@ def rotate_90(images):
 
 def test_psi_zero_and_90_exact_without_gridding_correction(classes, pixel_set):
     classes = classes.clone()
-    classes[:, [0, -1], :] = 0  # compact support: the 90° rotation is a pixel permutation
+    classes[:, [0, -1], :] = (
+        0  # compact support: the 90° rotation is a pixel permutation
+    )
     classes[:, :, [0, -1]] = 0
     proj = ClassProjector(classes, gridding_correction=False)
     refs = proj.rotated_references(torch.tensor([0.0, 90.0]), pixel_set)  # (k, 2, p)
     inside = pixel_set.ires < N // 2  # r ≤ r_max everywhere there
     expected0 = gathered_dft(classes, pixel_set)
-    torch.testing.assert_close(refs[:, 0, inside], expected0[:, inside], atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        refs[:, 0, inside], expected0[:, inside], atol=1e-12, rtol=0
+    )
     expected90 = gathered_dft(rotate_90(classes), pixel_set)
-    torch.testing.assert_close(refs[:, 1, inside], expected90[:, inside], atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        refs[:, 1, inside], expected90[:, inside], atol=1e-12, rtol=0
+    )
 
 
 def test_psi_zero_with_gridding_correction(classes, pixel_set):
@@ -55,7 +61,10 @@ def test_psi_zero_with_gridding_correction(classes, pixel_set):
     inside = pixel_set.ires < N // 2
     corrected = classes / gridding_correction_map(N, 2)
     torch.testing.assert_close(
-        ref[:, inside], gathered_dft(corrected, pixel_set)[:, inside], atol=1e-12, rtol=0
+        ref[:, inside],
+        gathered_dft(corrected, pixel_set)[:, inside],
+        atol=1e-12,
+        rtol=0,
     )
     # for a smooth, centred image the correction is a small effect
     plain = gathered_dft(classes, pixel_set)
@@ -74,7 +83,9 @@ def test_general_angle_matches_rotated_image(classes, pixel_set, psi):
         ref = ClassProjector(classes, gridding_correction=corr).rotated_references(
             torch.tensor([psi]), pixel_set
         )[:, 0]
-        errs.append(float((ref - expected)[:, inside].norm() / expected[:, inside].norm()))
+        errs.append(
+            float((ref - expected)[:, inside].norm() / expected[:, inside].norm())
+        )
     assert errs[1] < 0.02
     assert errs[1] < errs[0]  # the sinc² pre-correction helps
 
@@ -102,7 +113,9 @@ def test_hermitian_consistency(classes, pixel_set):
     proj = ClassProjector(classes)
     refs = proj.rotated_references(torch.tensor([0.0, 180.0]), pixel_set)
     ok = pixel_set.ires < N // 2
-    torch.testing.assert_close(refs[:, 1, ok], refs[:, 0, ok].conj(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        refs[:, 1, ok], refs[:, 0, ok].conj(), atol=1e-12, rtol=0
+    )
 
 
 def test_backproject_is_adjoint(classes, pixel_set):
@@ -137,21 +150,28 @@ def test_backproject_is_adjoint(classes, pixel_set):
     proj.backproject_pairs(yp, cls, ang, pixel_set, out, target_index=target)
     lhs = (bx.conj() * yp).real.sum()
     rhs = sum(
-        (x[cls[i]].conj() * _single(proj, yp[i : i + 1], cls[i : i + 1], ang[i : i + 1], pixel_set)).real.sum()
+        (
+            x[cls[i]].conj()
+            * _single(proj, yp[i : i + 1], cls[i : i + 1], ang[i : i + 1], pixel_set)
+        ).real.sum()
         for i in range(4)
     )
     assert float(lhs) == pytest.approx(float(rhs), rel=1e-12)
     # and the batched call equals the sum of single calls
     total = torch.zeros_like(out)
     for i in range(4):
-        total[target[i]] += _single(proj, yp[i : i + 1], cls[i : i + 1], ang[i : i + 1], pixel_set)
+        total[target[i]] += _single(
+            proj, yp[i : i + 1], cls[i : i + 1], ang[i : i + 1], pixel_set
+        )
     torch.testing.assert_close(out, total)
 
 
 def _single(proj, values, cls, ang, ps):
     big = proj.padded_size
     out = torch.zeros(1, big, big // 2 + 1, dtype=torch.complex128)
-    proj.backproject_pairs(values, cls, ang, ps, out, target_index=torch.zeros_like(cls))
+    proj.backproject_pairs(
+        values, cls, ang, ps, out, target_index=torch.zeros_like(cls)
+    )
     return out[0]
 
 

@@ -51,7 +51,11 @@ def test_translation_grid_default():
     c = grid.coarse_px[j]
     fine = grid.fine_px[4 * j : 4 * j + 4]
     expected = torch.stack(
-        [c + torch.tensor([dy, dx], dtype=torch.float64) for dy in (-0.5, 0.5) for dx in (-0.5, 0.5)]
+        [
+            c + torch.tensor([dy, dx], dtype=torch.float64)
+            for dy in (-0.5, 0.5)
+            for dx in (-0.5, 0.5)
+        ]
     )
     torch.testing.assert_close(fine, expected)
 
@@ -76,7 +80,8 @@ def test_next_perturbation_range():
 
 
 def test_coarse_image_size():
-    # 12° coarse step, D = 200 Å, 64 px × 2 Å: res = 12/360·π·200/1.5 ≈ 13.96 Å → 2·ceil(9.17)
+    # 12° coarse step, D = 200 Å, 64 px × 2 Å:
+    # res = 12/360·π·200/1.5 ≈ 13.96 Å → 2·ceil(9.17)
     assert coarse_image_size(64, 2.0, 200.0, 12.0, 64) == 20
     assert coarse_image_size(64, 2.0, 200.0, 12.0, 16) == 16  # never above current size
     assert coarse_image_size(64, 2.0, 200.0, 12.0, 64, max_coarse_size=12) == 12
@@ -97,7 +102,9 @@ def test_pixel_set_layout(size):
     # indices agree with (ky, kx) on the (N, N//2+1) layout
     row = torch.remainder(ps.ky, n)
     torch.testing.assert_close(ps.indices, row * (n // 2 + 1) + ps.kx)
-    torch.testing.assert_close(ps.ires, torch.sqrt((ps.ky**2 + ps.kx**2).double()).round().long())
+    torch.testing.assert_close(
+        ps.ires, torch.sqrt((ps.ky**2 + ps.kx**2).double()).round().long()
+    )
     # prefix property
     small = PixelSet.for_size(n, 8)
     m = ps.count_within(8) if size >= 8 else None

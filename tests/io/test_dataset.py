@@ -78,6 +78,13 @@ def test_dataloader_with_default_collate(dataset):
     batches = list(loader)
     assert [len(b["index"]) for b in batches] == [3, 3, 1]
     assert batches[0]["ctf"]["defocus_u_angstrom"].shape == (3,)
+    # the DataLoader path (__getitems__ + default collate) equals get_batch
+    for number, batch in enumerate(batches):
+        expected = data.get_batch(range(3 * number, min(3 * number + 3, len(data))))
+        torch.testing.assert_close(batch["image"], expected["image"], rtol=0, atol=0)
+        assert batch["index"].tolist() == expected["index"].tolist()
+        for key in CTF_KEYS:
+            torch.testing.assert_close(batch["ctf"][key], expected["ctf"][key])
 
 
 def _epoch_indices(loader):

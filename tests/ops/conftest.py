@@ -5,6 +5,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from ._synthetic import gaussian_blobs
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -13,29 +15,17 @@ def device(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def gaussian_blobs(
-    shape: tuple[int, ...],
-    centres: list[tuple[float, ...]],
-    sigma: float = 2.0,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """Sum of isotropic Gaussians at array-order centres relative to n // 2."""
-    axes = [torch.arange(n, dtype=dtype) - n // 2 for n in shape]
-    grids = torch.meshgrid(*axes, indexing="ij")
-    out = torch.zeros(shape, dtype=dtype)
-    for centre in centres:
-        dist_sq = sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True))
-        out = out + torch.exp(-dist_sq / (2 * sigma**2))
-    return out
-
-
 @pytest.fixture
 def smooth_image() -> Callable[..., torch.Tensor]:
-    """Factory for a smooth, asymmetric 2D test image (blobs within the central disc)."""
+    """Factory for a smooth, asymmetric 2D test image (blobs in the central disc)."""
 
     def make(size: int = 32, sigma: float = 2.0, dtype: torch.dtype = torch.float64):
         quarter = size / 4
-        centres = [(0.0, 0.0), (quarter, 0.3 * quarter), (-0.5 * quarter, 0.8 * quarter)]
+        centres = [
+            (0.0, 0.0),
+            (quarter, 0.3 * quarter),
+            (-0.5 * quarter, 0.8 * quarter),
+        ]
         centres.append((-0.7 * quarter, -0.9 * quarter))
         return gaussian_blobs((size, size), centres, sigma, dtype)
 

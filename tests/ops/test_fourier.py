@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch_fourier_shell_correlation
+import torch_grid_utils
 
 from cryoavg.ops.fourier import (
     dft_2d,
@@ -47,8 +48,12 @@ def test_dft_round_trip_2d_and_3d(size, rfft, fftshift, device):
     torch.testing.assert_close(back, images)
     volumes = images[:, :, : size - 4, : size - 2].reshape(2, -1, size - 2)[..., None]
     volumes = volumes.expand(-1, -1, -1, 5).contiguous()
-    back3 = idft_3d(dft_3d(volumes, rfft=rfft, fftshift=fftshift), volumes.shape[-3:],
-                    rfft=rfft, fftshifted=fftshift)  # fmt: skip
+    back3 = idft_3d(
+        dft_3d(volumes, rfft=rfft, fftshift=fftshift),
+        volumes.shape[-3:],
+        rfft=rfft,
+        fftshifted=fftshift,
+    )
     torch.testing.assert_close(back3, volumes)
 
 
@@ -79,15 +84,30 @@ def test_idft_rejects_wrong_shape():
 def test_fftfreq_grid_values_and_order():
     grid = fftfreq_grid((8, 6), rfft=True, fftshift=False, dtype=torch.float64)
     assert grid.shape == (8, 4, 2)
-    torch.testing.assert_close(grid[..., 0][:, 0], torch.fft.fftfreq(8, dtype=torch.float64))
-    torch.testing.assert_close(grid[..., 1][0], torch.fft.rfftfreq(6, dtype=torch.float64))
+    torch.testing.assert_close(
+        grid[..., 0][:, 0], torch.fft.fftfreq(8, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        grid[..., 1][0], torch.fft.rfftfreq(6, dtype=torch.float64)
+    )
     shifted = fftfreq_grid((5, 5, 5), rfft=False, fftshift=True)
     torch.testing.assert_close(shifted[2, 2, 2], torch.zeros(3))
+    # same layout as the field's library, for every flag combination
+    for shape in [(6, 7), (5, 4, 6)]:
+        for rfft in (True, False):
+            for fftshift in (True, False):
+                torch.testing.assert_close(
+                    fftfreq_grid(shape, rfft=rfft, fftshift=fftshift),
+                    torch_grid_utils.fftfreq_grid(shape, rfft=rfft, fftshift=fftshift),
+                )
+    exact = fftfreq_grid((33, 33), rfft=True, fftshift=False, dtype=torch.float64)
+    assert exact[1, 0, 0].item() == 1 / 33
 
 
 def test_shell_index_known_pixels():
     idx = shell_index((16, 16), rfft=True, fftshift=False)
-    assert idx.dtype == torch.long and idx.shape == (16, 9)
+    assert idx.dtype == torch.long
+    assert idx.shape == (16, 9)
     assert idx[0, 0] == 0
     assert idx[3, 4] == 5  # ky=3, kx=4
     assert idx[16 - 3, 4] == 5  # ky=-3
@@ -95,11 +115,13 @@ def test_shell_index_known_pixels():
     assert idx[2, 2] == 3  # round(2.83)
     assert idx[8, 8] == 11  # corner (-8, 8): round(11.31)
     excluded = shell_index((16, 16), rfft=True, exclude_redundant=True)
-    assert excluded[15, 0] == -1 and excluded[9, 0] == -1  # kx=0, ky<0
+    assert excluded[15, 0] == -1
+    assert excluded[9, 0] == -1
     assert excluded[8, 0] == 8  # Nyquist row kept (RELION calls it +N/2)
     assert excluded[15, 1] == 1
     full = shell_index((16, 16), rfft=False, fftshift=True)
-    assert full[8, 8] == 0 and full[8 + 3, 8 - 4] == 5
+    assert full[8, 8] == 0
+    assert full[8 + 3, 8 - 4] == 5
     with pytest.raises(ValueError, match="square"):
         shell_index((16, 18))
 
@@ -109,12 +131,13 @@ def test_shell_pixel_counts_match_relion_loop(size):
     ip, jp = _relion_frequencies(size, rfft=True)
     expected = np.zeros(size // 2 + 1, dtype=int)
     for i_val, j_val in zip(ip.ravel(), jp.ravel(), strict=True):
-        ires = int(math.floor(math.sqrt(i_val * i_val + j_val * j_val) + 0.5))
+        ires = math.floor(math.sqrt(i_val * i_val + j_val * j_val) + 0.5)
         if ires < size // 2 + 1 and not (j_val == 0 and i_val < 0):
             expected[ires] += 1
     np.testing.assert_array_equal(shell_pixel_counts((size, size)).numpy(), expected)
     full = shell_pixel_counts((size, size), rfft=False)
-    assert full[0] == 1 and full[1] == 8
+    assert full[0] == 1
+    assert full[1] == 8
 
 
 def test_shell_sum_and_average():
@@ -143,8 +166,9 @@ def test_power_spectrum_of_white_noise_and_single_frequency():
     spectrum = power_spectrum_1d(noise).mean(0)
     assert spectrum.shape == (17,)
     # E|F|^2 = sigma^2 / N^2 with the forward normalisation
-    torch.testing.assert_close(spectrum[1:], torch.full((16,), 4.0 / 1024).double(), rtol=0.1,
-                               atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        spectrum[1:], torch.full((16,), 4.0 / 1024).double(), rtol=0.1, atol=0
+    )
     columns = torch.arange(32, dtype=torch.float64)
     wave = torch.cos(2 * math.pi * 5 * columns / 32).expand(32, 32)
     wave_spectrum = power_spectrum_1d(wave)
@@ -161,8 +185,10 @@ def _frc_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ip, jp = _relion_frequencies(size, rfft=True)
     n_shells = size // 2 + 1
     num, da, db = np.zeros(n_shells), np.zeros(n_shells), np.zeros(n_shells)
-    for (i, j), i_val, j_val in zip(np.ndindex(ip.shape), ip.ravel(), jp.ravel(), strict=True):
-        ires = int(math.floor(math.sqrt(i_val * i_val + j_val * j_val) + 0.5))
+    for (i, j), i_val, j_val in zip(
+        np.ndindex(ip.shape), ip.ravel(), jp.ravel(), strict=True
+    ):
+        ires = math.floor(math.sqrt(i_val * i_val + j_val * j_val) + 0.5)
         if ires < n_shells:
             num[ires] += (fa[i, j] * np.conj(fb[i, j])).real
             da[ires] += abs(fa[i, j]) ** 2
@@ -176,9 +202,13 @@ def test_fourier_ring_correlation_matches_relion_binning(smooth_image):
     a = signal + 0.05 * torch.randn(32, 32, generator=generator, dtype=torch.float64)
     b = signal + 0.05 * torch.randn(32, 32, generator=generator, dtype=torch.float64)
     frc = fourier_ring_correlation(a, b)
-    np.testing.assert_allclose(frc.numpy(), _frc_reference(a.numpy(), b.numpy()), atol=1e-10)
+    np.testing.assert_allclose(
+        frc.numpy(), _frc_reference(a.numpy(), b.numpy()), atol=1e-10
+    )
     torch.testing.assert_close(fourier_ring_correlation(a, a), torch.ones(17).double())
-    torch.testing.assert_close(fourier_ring_correlation(a, -3 * a), -torch.ones(17).double())
+    torch.testing.assert_close(
+        fourier_ring_correlation(a, -3 * a), -torch.ones(17).double()
+    )
 
 
 def test_fourier_ring_correlation_against_library_and_noise(smooth_image):
@@ -201,7 +231,9 @@ def test_fourier_ring_correlation_against_library_and_noise(smooth_image):
 def test_fourier_shell_correlation_volumes(smooth_volume):
     generator = torch.Generator().manual_seed(5)
     volume = smooth_volume(16)
-    noisy = volume + 0.01 * torch.randn(16, 16, 16, generator=generator, dtype=torch.float64)
+    noisy = volume + 0.01 * torch.randn(
+        16, 16, 16, generator=generator, dtype=torch.float64
+    )
     fsc = fourier_shell_correlation(volume, noisy)
     assert fsc.shape == (9,)
     assert fsc[:4].min() > 0.99
@@ -217,7 +249,8 @@ def test_resolution_at_threshold_interpolates():
     # 0.143: c[13] = 0.1875, c[14] = 0.125 -> shell 13 + 0.0445 / 0.0625
     expected_shell = 13 + (0.1875 - 0.143) / 0.0625
     torch.testing.assert_close(
-        resolution_at_threshold(linear, 32, 2.0, 0.143), torch.tensor(64 / expected_shell).double()
+        resolution_at_threshold(linear, 32, 2.0, 0.143),
+        torch.tensor(64 / expected_shell).double(),
     )
     flat = torch.ones(2, 17, dtype=torch.float64)
     flat[1, 3:] = 0.0
@@ -231,13 +264,18 @@ def test_resolution_at_threshold_interpolates():
 def test_lowpass_weights_known_radii():
     # R = round(64 * 2 / 16) = 8, edge 2 shells: keep r < 7, zero r > 9
     weights = lowpass_weights((64, 64), 16.0, 2.0, 2, dtype=torch.float64)
-    assert weights[0, 6] == 1.0 and weights[0, 7] == 1.0
+    assert weights[0, 6] == 1.0
+    assert weights[0, 7] == 1.0
     torch.testing.assert_close(weights[0, 8], torch.tensor(0.5).double())
-    assert weights[0, 9] < 1e-12 and weights[0, 10] == 0.0
-    torch.testing.assert_close(weights[5, 5], torch.tensor(0.5 + 0.5 * math.cos(
-        math.pi * (math.sqrt(50) - 7) / 2)).double())  # fmt: skip
+    assert weights[0, 9] < 1e-12
+    assert weights[0, 10] == 0.0
+    torch.testing.assert_close(
+        weights[5, 5],
+        torch.tensor(0.5 + 0.5 * math.cos(math.pi * (math.sqrt(50) - 7) / 2)).double(),
+    )
     hard = lowpass_weights((64, 64), 16.0, 2.0, 0)
-    assert hard[0, 8] == 1.0 and hard[0, 9] == 0.0
+    assert hard[0, 8] == 1.0
+    assert hard[0, 9] == 0.0
 
 
 def test_lowpass_filter_2d_and_3d():
@@ -251,16 +289,23 @@ def test_lowpass_filter_2d_and_3d():
     volumes = torch.randn(2, 16, 16, 16, generator=generator, dtype=torch.float64)
     filtered3 = lowpass_filter(volumes, 8.0, 1.0, ndim=3)  # R = 2
     spectrum = power_spectrum_1d(filtered3, ndim=3)
-    assert spectrum[:, 4:].abs().max() < 1e-20 and spectrum[:, 1].min() > 0
+    assert spectrum[:, 4:].abs().max() < 1e-20
+    assert spectrum[:, 1].min() > 0
     with pytest.raises(ValueError, match="> 0"):
         lowpass_filter(images, 0.0, 2.0)
 
 
 @pytest.mark.parametrize(("old", "new"), [(32, 20), (32, 48), (31, 16), (24, 33)])
-def test_resize_fourier_preserves_scale_and_band_limited_content(old, new, smooth_image):
+def test_resize_fourier_preserves_scale_and_band_limited_content(
+    old, new, smooth_image
+):
     constant = torch.full((2, old, old), 1.7, dtype=torch.float64)
-    torch.testing.assert_close(resize_fourier_2d(constant, new), torch.full((2, new, new), 1.7).double())
-    image = lowpass_filter(smooth_image(old, sigma=2.5), 4 * 1.0 * old / min(old, new), 1.0)
+    torch.testing.assert_close(
+        resize_fourier_2d(constant, new), torch.full((2, new, new), 1.7).double()
+    )
+    image = lowpass_filter(
+        smooth_image(old, sigma=2.5), 4 * 1.0 * old / min(old, new), 1.0
+    )
     there_and_back = resize_fourier_2d(resize_fourier_2d(image, new), old)
     torch.testing.assert_close(there_and_back, image, atol=1e-9, rtol=0)
 
@@ -270,6 +315,10 @@ def test_resize_fourier_keeps_centre_and_3d():
     image[16, 16] = 1.0
     small = resize_fourier_2d(image, 16)
     assert small.argmax() == 8 * 16 + 8  # origin N//2 -> new N//2
-    torch.testing.assert_close(small.sum(), torch.tensor(0.25).double())  # mean preserved
+    torch.testing.assert_close(
+        small.sum(), torch.tensor(0.25).double()
+    )  # mean preserved
     volume = torch.full((12, 12, 12), -0.3, dtype=torch.float64)
-    torch.testing.assert_close(resize_fourier_3d(volume, 20), torch.full((20, 20, 20), -0.3).double())
+    torch.testing.assert_close(
+        resize_fourier_3d(volume, 20), torch.full((20, 20, 20), -0.3).double()
+    )

@@ -18,7 +18,7 @@ from cryoavg.ops.rotations import (
     xyz_to_zyx_matrices,
 )
 
-# Evaluated from the element formulas of relion-behaviour.md §0.2 (a=rot, b=tilt, g=psi),
+# From the element formulas of relion-behaviour.md §0.2 (a=rot, b=tilt, g=psi),
 # e.g. A[0][0] = cos50 cos40 cos30 - sin50 sin30 = 0.42643 - 0.38302 = 0.04341.
 HAND_MATRICES = {
     (30.0, 40.0, 50.0): [
@@ -45,7 +45,9 @@ def test_euler_matrix_matches_hand_computed_values(angles):
 
 
 def test_euler_matrix_is_transpose_of_active_zyz_product():
-    angles = torch.tensor([[12.0, 70.0, -100.0], [-170.0, 5.0, 33.0]], dtype=torch.float64)
+    angles = torch.tensor(
+        [[12.0, 70.0, -100.0], [-170.0, 5.0, 33.0]], dtype=torch.float64
+    )
 
     def rz(deg):
         c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
@@ -55,7 +57,9 @@ def test_euler_matrix_is_transpose_of_active_zyz_product():
         c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
         return torch.tensor([[c, 0, s], [0, 1, 0], [-s, 0, c]], dtype=torch.float64)
 
-    for row, matrix in zip(angles.tolist(), euler_angles_to_matrix(angles), strict=True):
+    for row, matrix in zip(
+        angles.tolist(), euler_angles_to_matrix(angles), strict=True
+    ):
         rot, tilt, psi = row
         torch.testing.assert_close(matrix, (rz(rot) @ ry(tilt) @ rz(psi)).T)
 
@@ -65,10 +69,17 @@ def test_euler_matrices_are_rotations_and_view_direction():
     matrices = euler_angles_to_matrix(angles)
     identity = torch.eye(3, dtype=torch.float64).expand(50, 3, 3)
     torch.testing.assert_close(matrices @ matrices.mT, identity)
-    torch.testing.assert_close(torch.linalg.det(matrices), torch.ones(50, dtype=torch.float64))
+    torch.testing.assert_close(
+        torch.linalg.det(matrices), torch.ones(50, dtype=torch.float64)
+    )
     rot, tilt = torch.deg2rad(angles[:, 0]), torch.deg2rad(angles[:, 1])
     direction = torch.stack(
-        [torch.sin(tilt) * torch.cos(rot), torch.sin(tilt) * torch.sin(rot), torch.cos(tilt)], -1
+        [
+            torch.sin(tilt) * torch.cos(rot),
+            torch.sin(tilt) * torch.sin(rot),
+            torch.cos(tilt),
+        ],
+        -1,
     )
     torch.testing.assert_close(matrices.mT[..., 2], direction)  # A^T e_z
 
@@ -78,7 +89,8 @@ def test_euler_round_trip_regular_angles():
     angles = random_rotations(200, generator, dtype=torch.float64)
     recovered = matrix_to_euler_angles(euler_angles_to_matrix(angles))
     torch.testing.assert_close(recovered, angles, atol=1e-7, rtol=0)
-    assert recovered[:, 1].min() >= 0 and recovered[:, 1].max() <= 180
+    assert recovered[:, 1].min() >= 0
+    assert recovered[:, 1].max() <= 180
 
 
 @pytest.mark.parametrize(
@@ -110,7 +122,9 @@ def test_rotation_matrix_2d_turns_x_towards_y_and_relates_to_psi():
 
 
 def test_xyz_to_zyx_matrices_acts_on_reversed_vectors():
-    matrix = euler_angles_to_matrix(torch.tensor([30.0, 40.0, 50.0], dtype=torch.float64))
+    matrix = euler_angles_to_matrix(
+        torch.tensor([30.0, 40.0, 50.0], dtype=torch.float64)
+    )
     vector_xyz = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     zyx = xyz_to_zyx_matrices(matrix)
     torch.testing.assert_close(zyx @ vector_xyz.flip(0), (matrix @ vector_xyz).flip(0))
@@ -120,24 +134,35 @@ def test_xyz_to_zyx_matrices_acts_on_reversed_vectors():
 
 
 def test_random_rotations_are_uniform_and_reproducible():
-    first = random_rotations(20000, torch.Generator().manual_seed(5), dtype=torch.float64)
-    second = random_rotations(20000, torch.Generator().manual_seed(5), dtype=torch.float64)
+    first = random_rotations(
+        20000, torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    second = random_rotations(
+        20000, torch.Generator().manual_seed(5), dtype=torch.float64
+    )
     torch.testing.assert_close(first, second)
     matrices = euler_angles_to_matrix(first)
     # Haar measure: E[R] = 0 and E[R_ij^2] = 1/3 for every element
     assert matrices.mean(0).abs().max() < 0.03
     assert (matrices**2).mean(0).sub(1 / 3).abs().max() < 0.02
-    assert first[:, 1].min() >= 0 and first[:, 1].max() <= 180
+    assert first[:, 1].min() >= 0
+    assert first[:, 1].max() <= 180
 
 
 def test_rotation_angle_degrees_known_angles_and_gradients():
     axis = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64) / 3
     angles = torch.tensor([0.0, 37.0, 120.0, 179.99], dtype=torch.float64)
     matrices = axis_angle_to_matrix(torch.deg2rad(angles)[:, None] * axis)
-    torch.testing.assert_close(rotation_angle_degrees(matrices), angles, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        rotation_angle_degrees(matrices), angles, atol=1e-6, rtol=0
+    )
     # relative angle between two Euler orientations
-    first = euler_angles_to_matrix(torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64))
-    rz = axis_angle_to_matrix(torch.tensor([0.0, 0.0, math.radians(15)], dtype=torch.float64))
+    first = euler_angles_to_matrix(
+        torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)
+    )
+    rz = axis_angle_to_matrix(
+        torch.tensor([0.0, 0.0, math.radians(15)], dtype=torch.float64)
+    )
     torch.testing.assert_close(
         rotation_angle_degrees(first.mT @ (rz @ first)), torch.tensor(15.0).double()
     )
@@ -148,7 +173,9 @@ def test_rotation_angle_degrees_known_angles_and_gradients():
 
 def test_axis_angle_round_trip_and_known_matrix():
     quarter_turn_z = torch.tensor([0.0, 0.0, math.pi / 2], dtype=torch.float64)
-    expected = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]).double()
+    expected = torch.tensor(
+        [[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    ).double()
     torch.testing.assert_close(axis_angle_to_matrix(quarter_turn_z), expected)
     generator = torch.Generator().manual_seed(1)
     directions = torch.nn.functional.normalize(
@@ -163,7 +190,9 @@ def test_axis_angle_round_trip_and_known_matrix():
 
 
 def test_matrix_to_axis_angle_half_turn_and_identity_gradients():
-    half_turn = axis_angle_to_matrix(torch.tensor([math.pi, 0.0, 0.0], dtype=torch.float64))
+    half_turn = axis_angle_to_matrix(
+        torch.tensor([math.pi, 0.0, 0.0], dtype=torch.float64)
+    )
     vector = matrix_to_axis_angle(half_turn)
     torch.testing.assert_close(vector.abs(), torch.tensor([math.pi, 0.0, 0.0]).double())
     for matrix in (torch.eye(3, dtype=torch.float64), half_turn):
@@ -192,16 +221,22 @@ def test_quaternion_round_trip_all_branches():
     # half turns about each axis exercise the x, y and z branches (w = 0)
     for axis in torch.eye(3, dtype=torch.float64):
         matrix = axis_angle_to_matrix(math.pi * axis)
-        torch.testing.assert_close(quaternion_to_matrix(matrix_to_quaternion(matrix)), matrix)
+        torch.testing.assert_close(
+            quaternion_to_matrix(matrix_to_quaternion(matrix)), matrix
+        )
 
 
 def test_rotation_6d_round_trip_and_gram_schmidt():
     matrices = euler_angles_to_matrix(
         random_rotations(20, torch.Generator().manual_seed(4), dtype=torch.float64)
     )
-    torch.testing.assert_close(rotation_6d_to_matrix(matrix_to_rotation_6d(matrices)), matrices)
+    torch.testing.assert_close(
+        rotation_6d_to_matrix(matrix_to_rotation_6d(matrices)), matrices
+    )
     raw = torch.tensor([2.0, 0.0, 0.0, 1.0, 3.0, 0.0], dtype=torch.float64)
-    torch.testing.assert_close(rotation_6d_to_matrix(raw), torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(
+        rotation_6d_to_matrix(raw), torch.eye(3, dtype=torch.float64)
+    )
     raw = raw.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(rotation_6d_to_matrix, (raw,))
 

@@ -1,0 +1,514 @@
+"""``Class2DModule``: reference-free 2D classification as a Lightning module.
+
+One Lightning *epoch* is one RELION *iteration*: the iteration's mini-batch (VDAM) or all
+particles (EM) is streamed in chunks (``training_step``), each chunk goes through the E-step and
+adds to the sufficient statistics, and at the end of the epoch the statistics (and the
+per-particle results) are summed over DDP ranks and the M-step optimizer
+(:class:`~cryoavg.class2d.optim.VdamOptimizer` or :class:`~cryoavg.class2d.optim.EmOptimizer`)
+updates the model. Iteration ``it`` uses the particle order ``randperm(seed + it)``, as RELION
+re-shuffles with ``mt19937(random_seed + iter)`` (§A.5.4), so runs are reproducible and a
+continued run follows the same path.
+
+Writing RELION files, TensorBoard images and the progress bar live in
+:mod:`cryoavg.class2d.callbacks`.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+
+import lightning
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cryoavg.class2d.estep import accumulate_statistics, expectation_step
+from cryoavg.class2d.init import initialise_state
+from cryoavg.class2d.optim import EmOptimizer, StepReport, VdamOptimizer
+from cryoavg.class2d.preprocess import ctf_images, prepare_estep_batch
+from cryoavg.class2d.projector import ClassProjector
+from cryoavg.class2d.sampling import (
+    PixelSet,
+    PsiGrid,
+    TranslationGrid,
+    coarse_image_size,
+    next_perturbation,
+)
+from cryoavg.class2d.schedule import VdamSchedule
+from cryoavg.class2d.settings import Class2DSettings
+from cryoavg.class2d.state import Class2DState
+from cryoavg.class2d.statistics import Class2DStatistics
+from cryoavg.io.dataset import ParticleDataset
+
+log = logging.getLogger("cryoavg")
+
+#: per-particle result fields gathered every iteration (name -> dtype)
+PARTICLE_FIELDS: dict[str, torch.dtype] = {
+    "class_index": torch.int64,
+    "psi_degrees": torch.float32,
+    "offset_y_px": torch.float32,
+    "offset_x_px": torch.float32,
+    "norm_correction": torch.float32,
+    "log_likelihood": torch.float64,
+    "pmax": torch.float32,
+    "n_significant": torch.int64,
+}
+
+
+@dataclass
+class DataInfo:
+    """What the module needs to know about the particle set."""
+
+    n_particles: int
+    box_size: int
+    pixel_size_angstrom: float
+    n_optics_groups: int
+    n_groups: int
+    optics_group: torch.Tensor  # (n,) int64
+    group: torch.Tensor  # (n,) int64
+    ctf_premultiplied: torch.Tensor  # (g,) bool
+    has_ctf: bool
+
+
+def iteration_subset(
+    n_particles: int, iteration: int, seed: int, subset_size: int, optics_group: torch.Tensor
+) -> torch.Tensor:
+    """Global indices of the particles processed in ``iteration``.
+
+    Parameters
+    ----------
+    n_particles
+        Size of the data set.
+    iteration
+        1-based iteration number.
+    seed
+        Random seed of the run.
+    subset_size
+        Mini-batch size; ``< 0`` or ``≥ n_particles`` means all particles.
+    optics_group
+        ``(n,)`` optics group of every particle (the subset is stably sorted by it).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(s,)`` int64 indices.
+    """
+    generator = torch.Generator().manual_seed(int(seed) + int(iteration))
+    order = torch.randperm(n_particles, generator=generator)
+    if 0 <= subset_size < n_particles:
+        order = order[:subset_size]
+    ranks = torch.argsort(optics_group[order], stable=True)
+    return order[ranks]
+
+
+class IterationSampler(Sampler[list[int]]):
+    """Chunks of one iteration's particles for one DDP rank.
+
+    Parameters
+    ----------
+    subset
+        ``(s,)`` the iteration's particle indices (identical on every rank).
+    chunk_size
+        Particles per chunk.
+    rank, world_size
+        This process and the number of processes; rank ``r`` takes ``subset[r::world_size]``.
+    """
+
+    def __init__(self, subset: torch.Tensor, chunk_size: int, rank: int = 0, world_size: int = 1):
+        self.indices = subset[rank::world_size].tolist()
+        self.chunk_size = max(1, int(chunk_size))
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.chunk_size):
+            yield self.indices[start : start + self.chunk_size]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.chunk_size)
+
+
+class _ChunkDataset(Dataset):
+    """Dataset whose items are whole chunks (``dataset[list_of_indices]`` → batched dict)."""
+
+    def __init__(self, particles: ParticleDataset) -> None:
+        self.particles = particles
+
+    def __len__(self) -> int:
+        return len(self.particles)
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        return self.particles.get_batch(indices)
+
+
+class Class2DModule(lightning.LightningModule):
+    """Reference-free 2D classification (VDAM or EM) over particle mini-batches.
+
+    Parameters
+    ----------
+    settings
+        Run options.
+    data
+        Particle-set information (sizes, groups, CTF flags).
+    particles
+        Dataset used to read images (initialisation and training chunks).
+    initial_particle_values
+        Optional per-particle starting values (``offset_y_px``, ``offset_x_px``,
+        ``norm_correction``, ``psi_degrees``, ``class_index``) from the input STAR file.
+    start_iteration
+        Iteration of the state this module starts from (0 for a new run).
+    chunk_size
+        Particles per E-step chunk.
+    num_workers
+        DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        settings: Class2DSettings,
+        data: DataInfo,
+        particles: ParticleDataset,
+        *,
+        initial_particle_values: dict[str, np.ndarray] | None = None,
+        start_iteration: int = 0,
+        chunk_size: int = 256,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.settings = settings
+        self.data_info = data
+        self.particles = particles
+        self.start_iteration = int(start_iteration)
+        self.chunk_size = int(chunk_size)
+        self.num_workers = int(num_workers)
+        self.state = Class2DState(
+            settings.n_classes,
+            data.box_size,
+            data.n_optics_groups,
+            data.n_groups,
+            pad=settings.pad,
+            sigma2_offset_angstrom2=settings.offset_prior_sigma_angstrom**2,
+        )
+        self.mask_radius_px = settings.mask_radius_px(data.box_size, data.pixel_size_angstrom)
+        self.schedule = VdamSchedule(
+            settings.n_iterations,
+            data.n_particles,
+            settings.n_classes,
+            ini_frac=settings.grad_ini_frac,
+            fin_frac=settings.grad_fin_frac,
+            stepsize=settings.grad_stepsize if settings.grad_stepsize > 0 else 0.3,
+            tau2_fudge=settings.tau2_fudge,
+            ini_subset=settings.grad_ini_subset,
+            fin_subset=settings.grad_fin_subset,
+            mu=settings.mu,
+        )
+        n = data.n_particles
+        initial = initial_particle_values or {}
+        for name, dtype in PARTICLE_FIELDS.items():
+            default = {"norm_correction": 1.0, "class_index": -1}.get(name, 0)
+            values = torch.full((n,), default, dtype=dtype)
+            if name in initial:
+                values = torch.as_tensor(np.asarray(initial[name]), dtype=dtype).clone()
+            self.register_buffer(f"particle_{name}", values)
+        self.register_buffer("initialised", torch.tensor(start_iteration > 0))
+        self.register_buffer("perturbation", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("completed_iteration", torch.tensor(int(start_iteration)))
+        # per-iteration working data (not checkpointed)
+        self._stats: Class2DStatistics | None = None
+        self._subset: torch.Tensor | None = None
+        self._results: dict[str, torch.Tensor] = {}
+        self._position: torch.Tensor | None = None
+        self.last_report: StepReport | None = None
+        self.last_changes: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def iteration(self) -> int:
+        """The iteration the current epoch runs (1-based)."""
+        return self.start_iteration + int(self.current_epoch) + 1
+
+    @property
+    def n_iterations(self) -> int:
+        """Last iteration of the run."""
+        return self.settings.n_iterations
+
+    def subset_size(self, iteration: int) -> int:
+        """Particles processed in ``iteration`` (−1 = all)."""
+        if not self.settings.is_vdam:
+            return -1
+        return self.schedule.subset_size(iteration)
+
+    def is_write_iteration(self, iteration: int) -> bool:
+        """Whether the RELION files are written after ``iteration``."""
+        every = self.settings.write_every
+        return iteration % every == 0 or iteration == self.n_iterations
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def configure_optimizers(self):
+        """The M-step optimizer of the chosen algorithm."""
+        if self.settings.is_vdam:
+            return VdamOptimizer(
+                self.state, self.settings, mask_radius_px=self.mask_radius_px,
+                schedule=self.schedule,
+            )
+        return EmOptimizer(self.state, self.settings, mask_radius_px=self.mask_radius_px)
+
+    def train_dataloader(self) -> DataLoader:
+        """The chunks of this epoch's iteration for this rank."""
+        iteration = self.iteration
+        self._subset = iteration_subset(
+            self.data_info.n_particles,
+            iteration,
+            self.settings.seed,
+            self.subset_size(iteration),
+            self.data_info.optics_group,
+        )
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        world = self.trainer.world_size if self._trainer is not None else 1
+        sampler = IterationSampler(self._subset, self.chunk_size, rank, world)
+        return DataLoader(
+            _ChunkDataset(self.particles),
+            sampler=sampler,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+
+    def on_fit_start(self) -> None:
+        """Initialise the model (iteration 0) unless it was restored."""
+        if not bool(self.initialised):
+            self.initialise_model()
+
+    @torch.no_grad()
+    def initialise_model(self) -> None:
+        """Noise spectra and initial class images from the first particles (§A.4)."""
+        info, settings = self.data_info, self.settings
+        per_group = 1000
+        chosen: list[int] = []
+        for g in range(info.n_optics_groups):
+            members = (info.optics_group == g).nonzero().flatten()[:per_group]
+            chosen.extend(members.tolist())
+        if len(chosen) < 5 * settings.n_classes:
+            chosen = list(range(min(info.n_particles, max(len(chosen), 5 * settings.n_classes))))
+        chosen = sorted(set(chosen))
+        batch = self.particles.get_batch(chosen)
+        images = batch["image"].to(self.device, torch.float32)
+        ctf = None
+        if settings.do_ctf and info.has_ctf:
+            ctf = self._ctf(batch).to(self.device)
+        counts = torch.bincount(info.group, minlength=info.n_groups).to(self.state.scale)
+        initialise_state(
+            self.state,
+            images,
+            batch["optics_group"].to(self.device),
+            pixel_size=info.pixel_size_angstrom,
+            mask_radius_px=self.mask_radius_px,
+            tau2_fudge=1.0 if settings.is_vdam else settings.tau2_fudge,
+            seed=settings.seed,
+            n_particles=info.n_particles,
+            ctf=ctf,
+            soft_edge_px=settings.mask_edge_px,
+            zero_mask=settings.zero_mask,
+            scale_group_particle_count=counts,
+        )
+        self.initialised.fill_(True)
+
+    def on_train_epoch_start(self) -> None:
+        """Set up the iteration: grids, pixel sets, projector and empty statistics."""
+        iteration, state, settings = self.iteration, self.state, self.settings
+        generator = torch.Generator().manual_seed(settings.seed * 1000003 + iteration)
+        perturbation = next_perturbation(float(self.perturbation), 0.5, generator=generator)
+        self.perturbation.fill_(perturbation)
+        self.psi_grid = PsiGrid.build(settings.psi_step_degrees, perturbation=perturbation)
+        self.translation_grid = TranslationGrid.build(
+            settings.offset_range_px, settings.offset_step_px, perturbation=perturbation
+        )
+        box = self.data_info.box_size
+        current = int(state.current_size)
+        if settings.highres_limit_angstrom > 0:
+            strict = 2 * round(box * self.data_info.pixel_size_angstrom / settings.highres_limit_angstrom)
+            current = max(2, min(current, strict))
+        self.current_size = current
+        self.coarse_size = min(
+            current,
+            coarse_image_size(
+                box,
+                self.data_info.pixel_size_angstrom,
+                2 * self.mask_radius_px * self.data_info.pixel_size_angstrom,
+                settings.psi_step_coarse_degrees,
+                current,
+                strict_highres_exp=settings.highres_limit_angstrom
+                if settings.highres_limit_angstrom > 0
+                else None,
+            ),
+        )
+        self.pixel_set = PixelSet.for_size(box, current, device=self.device)
+        self.projector = ClassProjector(
+            state.class_images.detach(), pad=settings.pad, r_max=current / 2
+        )
+        self._stats = Class2DStatistics.zeros(
+            n_classes=settings.n_classes,
+            box_size=box,
+            n_optics_groups=self.data_info.n_optics_groups,
+            n_groups=self.data_info.n_groups,
+            pad=settings.pad,
+            device=self.device,
+        )
+        subset = self._subset if self._subset is not None else torch.zeros(0, dtype=torch.int64)
+        self._position = torch.full((self.data_info.n_particles,), -1, dtype=torch.int64)
+        self._position[subset] = torch.arange(subset.numel())
+        self._results = {
+            name: torch.zeros(subset.numel(), dtype=dtype) for name, dtype in PARTICLE_FIELDS.items()
+        }
+        self._results["seen"] = torch.zeros(subset.numel(), dtype=torch.int64)
+        self.noise_generator = torch.Generator().manual_seed(settings.seed * 7919 + iteration)
+
+    def _ctf(self, batch: dict) -> torch.Tensor:
+        premultiplied = self.data_info.ctf_premultiplied[batch["optics_group"]]
+        params = {key: value.to(self.device) for key, value in batch["ctf"].items()}
+        return ctf_images(
+            params,
+            self.data_info.box_size,
+            premultiplied=premultiplied.to(self.device),
+            intact_first_peak=self.settings.ctf_intact_first_peak,
+        )
+
+    @torch.no_grad()
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        """E-step of one chunk: preprocess, score all poses, accumulate statistics."""
+        settings, state = self.settings, self.state
+        index = batch["index"].to(torch.int64)
+        offsets = torch.stack(
+            [self.particle_offset_y_px[index], self.particle_offset_x_px[index]], dim=1
+        )
+        ctf = self._ctf(batch) if settings.do_ctf and self.data_info.has_ctf else None
+        estep_batch = prepare_estep_batch(
+            batch["image"].to(self.device),
+            index=index.to(self.device),
+            optics_group=batch["optics_group"].to(self.device, torch.int64),
+            group=batch["group"].to(self.device, torch.int64),
+            offset_px=offsets.to(self.device),
+            norm_correction=self.particle_norm_correction[index].to(self.device),
+            ctf=ctf,
+            sigma2_noise=state.sigma2_noise.detach(),
+            scale=state.scale.detach() if settings.do_scale else torch.ones_like(state.scale),
+            avg_norm=float(state.avg_norm),
+            pixel_set=self.pixel_set,
+            mask_radius_px=self.mask_radius_px,
+            mask_edge_px=settings.mask_edge_px,
+            zero_mask=settings.zero_mask,
+            do_norm=settings.do_norm,
+            noise_generator=self.noise_generator,
+        )
+        result = expectation_step(
+            estep_batch,
+            self.projector,
+            self.psi_grid,
+            self.translation_grid,
+            self.pixel_set,
+            class_prior=state.class_prior,
+            class_offset_prior_angstrom=state.class_offset_prior_angstrom,
+            sigma2_offset_angstrom2=state.sigma2_offset_angstrom2,
+            pixel_size=self.data_info.pixel_size_angstrom,
+            coarse_size=self.coarse_size,
+            max_significant=settings.effective_max_significant or -1,
+            adaptive_fraction=settings.adaptive_fraction,
+            avg_norm=float(state.avg_norm),
+        )
+        accumulate_statistics(
+            estep_batch,
+            result,
+            self.projector,
+            self.psi_grid,
+            self.translation_grid,
+            self.pixel_set,
+            self._stats,
+            mode="vdam" if settings.is_vdam else "em",
+            class_offset_prior_angstrom=state.class_offset_prior_angstrom,
+            pixel_size=self.data_info.pixel_size_angstrom,
+            ssnr=state.ssnr,
+        )
+        position = self._position[index.cpu()]
+        values = {
+            "class_index": result.best_class,
+            "psi_degrees": result.best_psi_degrees,
+            "offset_y_px": result.best_offset_px[:, 0],
+            "offset_x_px": result.best_offset_px[:, 1],
+            "norm_correction": result.norm_correction,
+            "log_likelihood": result.log_likelihood,
+            "pmax": result.pmax,
+            "n_significant": result.n_significant,
+        }
+        for name, value in values.items():
+            self._results[name][position] = value.detach().cpu().to(PARTICLE_FIELDS[name])
+        self._results["seen"][position] = 1
+
+    @torch.no_grad()
+    def on_train_epoch_end(self) -> None:
+        """Sum over ranks, M-step, and store the per-particle results."""
+        iteration = self.iteration
+        stats = self._stats
+        if stats is None:
+            return
+        stats.all_reduce()
+        self._all_reduce_results()
+        subset = self._subset
+        seen = self._results["seen"] > 0
+        rows = subset[seen]
+        previous_class = self.particle_class_index[rows].clone()
+        previous_psi = self.particle_psi_degrees[rows].clone()
+        previous_offset = torch.stack(
+            [self.particle_offset_y_px[rows], self.particle_offset_x_px[rows]], 1
+        ).clone()
+        for name in PARTICLE_FIELDS:
+            getattr(self, f"particle_{name}")[rows] = self._results[name][seen]
+        optimizer = self.optimizers()
+        inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        self.last_report = inner.step(stats=stats, iteration=iteration)
+        self.completed_iteration.fill_(iteration)
+        self.last_changes = self._changes(rows, previous_class, previous_psi, previous_offset)
+        n = max(int(seen.sum()), 1)
+        metrics = {
+            "train/log_likelihood": float(self.particle_log_likelihood[rows].sum()),
+            "train/log_likelihood_per_particle": float(self.particle_log_likelihood[rows].sum()) / n,
+            "train/average_pmax": float(self.particle_pmax[rows].float().mean()) if rows.numel() else 0.0,
+            "train/step_size": self.last_report.step_size,
+            "train/tau2_fudge": self.last_report.tau2_fudge,
+            "train/subset_size": float(rows.numel()),
+            "train/current_size": float(self.state.current_size),
+            "train/changes_classes": self.last_changes.get("classes", 0.0),
+        }
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False, rank_zero_only=True)
+        self._stats = None
+
+    def _all_reduce_results(self) -> None:
+        """Sum the per-particle results of this iteration over DDP ranks."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for name, tensor in self._results.items():
+            reduced = tensor.to(self.device)
+            if reduced.dtype == torch.int64 and reduced.device.type == "cpu":
+                torch.distributed.all_reduce(reduced)
+            else:
+                torch.distributed.all_reduce(reduced)
+            self._results[name] = reduced.cpu()
+
+    def _changes(
+        self,
+        rows: torch.Tensor,
+        previous_class: torch.Tensor,
+        previous_psi: torch.Tensor,
+        previous_offset: torch.Tensor,
+    ) -> dict[str, float]:
+        """RELION's 'changes' figures over the processed particles."""
+        if rows.numel() == 0:
+            return {}
+        had = previous_class >= 0
+        classes = (self.particle_class_index[rows] != previous_class)[had].float()
+        dpsi = (self.particle_psi_degrees[rows] - previous_psi + 180) % 360 - 180
+        offset = torch.stack([self.particle_offset_y_px[rows], self.particle_offset_x_px[rows]], 1)
+        doff = (offset - previous_offset)[had] * self.data_info.pixel_size_angstrom
+        return {
+            "classes": float(classes.mean()) if classes.numel() else 1.0,
+            "orientations_degrees": float(dpsi[had].abs().mean()) if had.any() else 999.0,
+            "offsets_angstrom": float(doff.square().mean().sqrt()) if had.any() else 999.0,
+        }

@@ -1,0 +1,278 @@
+"""``cryoavg class2d``: reference-free 2D class averaging (RELION Class2D, VDAM or EM).
+
+Example (the RELION tutorial's settings)::
+
+    cryoavg class2d particles=Extract/job012/particles.star output=Class2D/job013 classes=100 \\
+        tau2_fudge=2 iterations=100 algorithm=vdam mask_diameter=200 zero_mask=true \\
+        highres_limit=-1 center_classes=true psi_step=6 offset_range=5 offset_step=1 ctf=true seed=1
+
+Continue: ``cryoavg class2d continue_from=Class2D/job003/run_it050_optimiser.star iterations=100``
+(or a Lightning ``.ckpt``). Without ``particles``, the job simulates the built-in demo data set
+(HSP60, 20 % junk) into its directory and classifies it. Multi-process: ``trainer=ddp
+trainer.devices=N`` (``trainer=ddp_spawn`` in notebooks / tests).
+"""
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cryoavg.cli._configs import config_dir
+from cryoavg.cli._jobs import command_line, job_directory, run_job
+from cryoavg.errors import ConfigError, InputError
+from cryoavg.io.dataset import ParticleDataset
+from cryoavg.io.particles import ParticleTable, read_particles
+from cryoavg.io.stack import ImageSource
+
+log = logging.getLogger("cryoavg")
+
+DEMO = {"n_particles": 2000, "box": 64, "junk_fraction": 0.2, "snr": 0.1, "seed": 1}
+
+
+def settings_from_config(cfg: DictConfig):
+    """Build :class:`~cryoavg.class2d.settings.Class2DSettings` from the job config."""
+    from cryoavg.class2d.settings import Class2DSettings
+
+    def optional_int(value: Any) -> int | None:
+        return None if value is None else int(value)
+
+    return Class2DSettings(
+        n_classes=int(cfg.classes),
+        tau2_fudge=float(cfg.tau2_fudge),
+        n_iterations=int(cfg.iterations),
+        algorithm=str(cfg.algorithm).lower(),
+        particle_diameter_angstrom=None if cfg.mask_diameter is None else float(cfg.mask_diameter),
+        zero_mask=bool(cfg.zero_mask),
+        flatten_solvent=bool(cfg.flatten_solvent),
+        highres_limit_angstrom=float(cfg.highres_limit),
+        center_classes=bool(cfg.center_classes),
+        psi_step_degrees=float(cfg.psi_step),
+        offset_range_px=float(cfg.offset_range),
+        offset_step_px=float(cfg.offset_step),
+        do_ctf=bool(cfg.ctf),
+        ctf_intact_first_peak=bool(cfg.ctf_intact_first_peak),
+        do_norm=bool(cfg.norm),
+        do_scale=bool(cfg.scale),
+        class_inactivity_threshold=float(cfg.class_inactivity_threshold),
+        seed=int(cfg.seed),
+        write_every=int(cfg.write_every),
+        preread_images=bool(cfg.preread),
+        max_significant=optional_int(cfg.max_significant),
+        grad_ini_subset=optional_int(cfg.grad_ini_subset),
+        grad_fin_subset=optional_int(cfg.grad_fin_subset),
+    )
+
+
+def data_info(table: ParticleTable, source: ImageSource, settings) -> Any:
+    """Check the particle set against the settings and summarise it for the module."""
+    from cryoavg.class2d.module import DataInfo
+
+    if table.has_mixed_pixel_sizes:
+        raise InputError(
+            table.path,
+            "optics groups have different pixel sizes; Class2D needs one pixel size "
+            "(rescale the particles to a common pixel size first)",
+        )
+    box = int(source.box_size)
+    pixel = float(np.asarray(table.pixel_size_angstrom)[0])
+    settings.validate(box_size=box, pixel_size_angstrom=pixel, n_particles=table.n_particles)
+    if settings.do_ctf and not table.has_ctf:
+        raise InputError(
+            table.path, "ctf=true but the STAR file has no CTF columns (rlnDefocusU/V, ...); "
+            "use ctf=false for CTF-free data"
+        )
+    premultiplied = torch.as_tensor(np.asarray(table.ctf_premultiplied, dtype=bool)).reshape(-1)
+    return DataInfo(
+        n_particles=table.n_particles,
+        box_size=box,
+        pixel_size_angstrom=pixel,
+        n_optics_groups=table.n_optics_groups,
+        n_groups=table.n_groups,
+        optics_group=torch.as_tensor(np.asarray(table.optics_group_index), dtype=torch.int64),
+        group=torch.as_tensor(np.asarray(table.micrograph_group_index), dtype=torch.int64),
+        ctf_premultiplied=premultiplied,
+        has_ctf=bool(table.has_ctf),
+    )
+
+
+def initial_particle_values(
+    table: ParticleTable, *, with_classes: bool = False
+) -> dict[str, np.ndarray]:
+    """Starting offsets / norms / psi (and classes when continuing) from the STAR columns."""
+    frame = table.particles
+    pixel = np.asarray(table.pixel_size_angstrom, dtype=np.float64)
+    values: dict[str, np.ndarray] = {}
+    if "rlnOriginXAngst" in frame and "rlnOriginYAngst" in frame:
+        values["offset_x_px"] = frame["rlnOriginXAngst"].to_numpy(np.float64) / pixel
+        values["offset_y_px"] = frame["rlnOriginYAngst"].to_numpy(np.float64) / pixel
+    elif "rlnOriginX" in frame and "rlnOriginY" in frame:
+        values["offset_x_px"] = frame["rlnOriginX"].to_numpy(np.float64)
+        values["offset_y_px"] = frame["rlnOriginY"].to_numpy(np.float64)
+    if "rlnNormCorrection" in frame:
+        values["norm_correction"] = frame["rlnNormCorrection"].to_numpy(np.float64)
+    if "rlnAnglePsi" in frame:
+        values["psi_degrees"] = frame["rlnAnglePsi"].to_numpy(np.float64)
+    if with_classes and "rlnClassNumber" in frame:
+        values["class_index"] = frame["rlnClassNumber"].to_numpy(np.int64) - 1
+    for name, array in values.items():
+        if not np.all(np.isfinite(array)):
+            raise InputError(table.path, f"non-finite values in the input column for {name}")
+    return values
+
+
+def _strategy(cfg_trainer: DictConfig) -> Any:
+    name = str(cfg_trainer.get("strategy", "auto"))
+    if name in ("ddp", "ddp_spawn", "ddp_fork"):
+        from cryoavg.class2d.strategy import StatisticsDDPStrategy
+
+        start = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork"}[name]
+        return StatisticsDDPStrategy(start_method=start, process_group_backend=None)
+    return name
+
+
+def make_demo_particles(job_dir: Path) -> Path:
+    """Simulate the built-in demo data set into ``<job>/demo_data`` and return its STAR."""
+    from cryoavg.cli.simulate import demo_map_path, prepare_volume
+    from cryoavg.simulate.particles import SimulationParameters, simulate_particles
+    from cryoavg.simulate.writer import write_simulation
+
+    volume, pixel = prepare_volume(demo_map_path(), DEMO["box"], None, None)
+    params = SimulationParameters(
+        n_particles=DEMO["n_particles"], box_size=DEMO["box"], pixel_size_angstrom=pixel,
+        junk_fraction=DEMO["junk_fraction"], snr=DEMO["snr"], seed=DEMO["seed"],
+    )
+    out = job_dir / "demo_data"
+    out.mkdir(parents=True, exist_ok=True)
+    write_simulation(out, simulate_particles(volume, params), params, map_path=str(demo_map_path()))
+    log.info("simulated the demo data set (%d HSP60 particles, 20%% junk) in %s", params.n_particles, out)
+    return out / "particles.star"
+
+
+def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run a Class2D job (testable entry point).
+
+    Returns
+    -------
+    tuple
+        ``(metrics, objects)``: final figures and the job directory, module and trainer.
+    """
+    from cryoavg.class2d.callbacks import RelionWriter
+    from cryoavg.class2d.module import Class2DModule
+
+    settings = settings_from_config(cfg)
+    settings.validate()
+    continue_from = Path(cfg.continue_from) if cfg.continue_from else None
+    ckpt_path = None
+    continuation = None
+    if continue_from is not None:
+        if not continue_from.is_file():
+            raise InputError(continue_from, "file not found (continue_from)")
+        if continue_from.suffix == ".ckpt":
+            ckpt_path = str(continue_from)
+        else:
+            from cryoavg.class2d.continuation import read_iteration
+
+            continuation = read_iteration(continue_from, project_dir=cfg.project_dir)
+            # as RELION's --continue: everything comes from the optimiser.star except the
+            # number of iterations and how often files are written
+            settings = continuation.settings
+            settings.n_iterations = int(cfg.iterations)
+            settings.write_every = int(cfg.write_every)
+    output = cfg.output
+    if output is None and continue_from is not None and continuation is not None:
+        output = str(continue_from.parent)
+    started = time.perf_counter()
+    with job_directory(output, "Class2D", cfg) as job_dir:
+        if continuation is not None:
+            table = continuation.particles
+        else:
+            particles_star = cfg.particles
+            if particles_star is None:
+                particles_star = str(make_demo_particles(job_dir))
+            table = read_particles(
+                particles_star,
+                pixel_size_angstrom=None if cfg.pixel_size is None else float(cfg.pixel_size),
+                project_dir=cfg.project_dir,
+            )
+        source = ImageSource.from_table(table, preread=settings.preread_images)
+        info = data_info(table, source, settings)
+        dataset = ParticleDataset(table, source)
+        module = Class2DModule(
+            settings,
+            info,
+            dataset,
+            initial_particle_values=initial_particle_values(
+                table, with_classes=continuation is not None
+            ),
+            start_iteration=continuation.iteration if continuation is not None else 0,
+            chunk_size=int(cfg.data.chunk_size),
+            num_workers=int(cfg.data.num_workers),
+        )
+        if continuation is not None:
+            from cryoavg.class2d.continuation import restore_state
+
+            restore_state(module.state, continuation)
+            module.initialised.fill_(True)
+            module.completed_iteration.fill_(continuation.iteration)
+        start_iteration = module.start_iteration
+        if settings.n_iterations <= start_iteration:
+            raise ConfigError(
+                f"iterations={settings.n_iterations} but the run is already at iteration "
+                f"{start_iteration}; ask for more iterations"
+            )
+        root = job_dir / "run"
+        writer = RelionWriter(
+            root, table, command_line(), write_tensorboard=bool(cfg.logger.enabled),
+            checkpoint_path=job_dir / "last.ckpt",
+        )
+        logger: Any = False
+        if cfg.logger.enabled:
+            logger = lightning.pytorch.loggers.TensorBoardLogger(
+                str(job_dir), name="tensorboard", version="", default_hp_metric=False
+            )
+        callbacks: list[Any] = [writer]
+        trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+        progress = bool(trainer_cfg.pop("enable_progress_bar", True))
+        if progress:
+            callbacks.append(lightning.pytorch.callbacks.RichProgressBar(leave=True))
+        trainer_cfg["strategy"] = _strategy(cfg.trainer)
+        trainer = lightning.Trainer(
+            **trainer_cfg,
+            max_epochs=settings.n_iterations - start_iteration,
+            reload_dataloaders_every_n_epochs=1,
+            use_distributed_sampler=False,
+            num_sanity_val_steps=0,
+            logger=logger,
+            callbacks=callbacks,
+            enable_checkpointing=True,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            default_root_dir=str(job_dir),
+            log_every_n_steps=1,
+        )
+        trainer.fit(module, ckpt_path=ckpt_path)
+    elapsed = time.perf_counter() - started
+    counts = torch.bincount(module.particle_class_index.clamp_min(0), minlength=settings.n_classes)
+    metrics = {
+        "iterations": int(module.completed_iteration),
+        "wall_seconds": elapsed,
+        "log_likelihood": float(module.state.log_likelihood),
+        "nonempty_classes": int((counts > 0).sum()),
+    }
+    log.info(
+        "Class2D finished iteration %d in %.1f s: %s", metrics["iterations"], elapsed,
+        job_dir / f"run_it{metrics['iterations']:03d}_optimiser.star",
+    )
+    return metrics, {"job_dir": job_dir, "module": module, "trainer": trainer, "table": table}
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="class2d")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of ``cryoavg class2d``."""
+    run_job(run_class2d, cfg)
