@@ -45,8 +45,12 @@ def particles_with_results(table: ParticleTable, module) -> pd.DataFrame:
     frame["rlnNormCorrection"] = module.particle_norm_correction.double().numpy()
     frame["rlnLogLikeliContribution"] = module.particle_log_likelihood.double().numpy()
     frame["rlnMaxValueProbDistribution"] = module.particle_pmax.double().numpy()
-    frame["rlnNrOfSignificantSamples"] = module.particle_n_significant.numpy().astype(np.int64)
-    frame["rlnGroupNumber"] = np.asarray(table.micrograph_group_index, dtype=np.int64) + 1
+    frame["rlnNrOfSignificantSamples"] = module.particle_n_significant.numpy().astype(
+        np.int64
+    )
+    frame["rlnGroupNumber"] = (
+        np.asarray(table.micrograph_group_index, dtype=np.int64) + 1
+    )
     return frame
 
 
@@ -90,7 +94,11 @@ class RelionWriter(Checkpoint):
     def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module) -> None:
         """Write the iteration just completed by the module's M-step, if it is due."""
         iteration = int(pl_module.completed_iteration)
-        if iteration > 0 and pl_module.is_write_iteration(iteration) and iteration not in self.written:
+        if (
+            iteration > 0
+            and pl_module.is_write_iteration(iteration)
+            and iteration not in self.written
+        ):
             self._write(trainer, pl_module, iteration)
 
     def _write(self, trainer: lightning.Trainer, pl_module, iteration: int) -> None:
@@ -108,20 +116,30 @@ class RelionWriter(Checkpoint):
         settings = pl_module.settings
         table = self.table
         info = pl_module.data_info
-        sampling = SamplingInfo.from_settings(settings, perturbation=float(pl_module.perturbation))
+        sampling = SamplingInfo.from_settings(
+            settings, perturbation=float(pl_module.perturbation)
+        )
         changes_values = pl_module.last_changes or {}
-        changes = IterationChanges(
-            orientations_degrees=changes_values.get("orientations_degrees", 999.0),
-            offsets_angstrom=changes_values.get("offsets_angstrom", 999.0),
-            classes=changes_values.get("classes", 1.0),
-        ) if iteration > 0 else None
-        counts = np.bincount(np.asarray(table.micrograph_group_index), minlength=info.n_groups)
+        changes = (
+            IterationChanges(
+                orientations_degrees=changes_values.get("orientations_degrees", 999.0),
+                offsets_angstrom=changes_values.get("offsets_angstrom", 999.0),
+                classes=changes_values.get("classes", 1.0),
+            )
+            if iteration > 0
+            else None
+        )
+        counts = np.bincount(
+            np.asarray(table.micrograph_group_index), minlength=info.n_groups
+        )
         write_iteration(
             self.root,
             iteration,
             state=pl_module.state,
             particles=particles_with_results(table, pl_module),
-            optics=table.optics_table() if hasattr(table, "optics_table") else table.optics,
+            optics=table.optics_table()
+            if hasattr(table, "optics_table")
+            else table.optics,
             group_names=list(table.group_names),
             group_particle_counts=counts,
             settings=settings,
@@ -135,25 +153,37 @@ class RelionWriter(Checkpoint):
         )
         log.info("iteration %03d written: %s_it%03d_*", iteration, self.root, iteration)
 
-    def _log_images(self, trainer: lightning.Trainer, pl_module, iteration: int) -> None:
+    def _log_images(
+        self, trainer: lightning.Trainer, pl_module, iteration: int
+    ) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image"):
             return
         state = pl_module.state
         resolution = estimated_resolution_angstrom(
-            state.ssnr, pl_module.data_info.box_size, pl_module.data_info.pixel_size_angstrom
+            state.ssnr,
+            pl_module.data_info.box_size,
+            pl_module.data_info.pixel_size_angstrom,
         )
         image = class_gallery_image(
-            state.class_images.detach().cpu(), state.class_prior.detach().cpu(), resolution.cpu()
+            state.class_images.detach().cpu(),
+            state.class_prior.detach().cpu(),
+            resolution.cpu(),
         )
-        experiment.add_image("classes/gallery", image, global_step=iteration, dataformats="HW")
+        experiment.add_image(
+            "classes/gallery", image, global_step=iteration, dataformats="HW"
+        )
         experiment.add_histogram(
-            "classes/distribution", state.class_prior.detach().cpu(), global_step=iteration
+            "classes/distribution",
+            state.class_prior.detach().cpu(),
+            global_step=iteration,
         )
         finite = torch.where(torch.isfinite(resolution), resolution, torch.nan)
         for k, value in enumerate(finite.tolist()):
             if value == value:  # not NaN
-                experiment.add_scalar(f"resolution_angstrom/class_{k + 1:03d}", value, iteration)
+                experiment.add_scalar(
+                    f"resolution_angstrom/class_{k + 1:03d}", value, iteration
+                )
 
     def on_train_end(self, trainer: lightning.Trainer, pl_module) -> None:
         """PNG gallery of the final classes, sorted by size (rank 0)."""
@@ -161,10 +191,13 @@ class RelionWriter(Checkpoint):
             return
         state = pl_module.state
         resolution = estimated_resolution_angstrom(
-            state.ssnr, pl_module.data_info.box_size, pl_module.data_info.pixel_size_angstrom
+            state.ssnr,
+            pl_module.data_info.box_size,
+            pl_module.data_info.pixel_size_angstrom,
         )
         counts = torch.bincount(
-            pl_module.particle_class_index.clamp_min(0), minlength=pl_module.settings.n_classes
+            pl_module.particle_class_index.clamp_min(0),
+            minlength=pl_module.settings.n_classes,
         )
         write_class_gallery_png(
             self.root.parent / "classes_gallery.png",

@@ -54,7 +54,9 @@ def class_gallery_image(
     canvas = np.ones((rows * step - border_px, columns * step - border_px), np.float32)
     for slot in range(k):
         r, c = divmod(slot, columns)
-        canvas[r * step : r * step + size, c * step : c * step + size] = tiles[slot].numpy()
+        canvas[r * step : r * step + size, c * step : c * step + size] = tiles[
+            slot
+        ].numpy()
     return canvas
 
 
@@ -93,7 +95,9 @@ def write_class_gallery_png(
     order = torch.argsort(particle_counts, descending=True, stable=True)
     columns = columns or min(10, math.ceil(math.sqrt(k * 1.5)))
     rows = math.ceil(k / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(1.6 * columns, 1.8 * rows + 0.4), squeeze=False
+    )
     for slot, axis in enumerate(axes.flat):
         axis.axis("off")
         if slot >= k:
@@ -102,7 +106,9 @@ def write_class_gallery_png(
         axis.imshow(class_images[cls].numpy(), cmap="gray")
         res = float(resolution_angstrom[cls])
         res_text = f"{res:.0f} Å" if math.isfinite(res) else "– Å"
-        axis.set_title(f"#{cls + 1}  n={int(particle_counts[cls])}\n{res_text}", fontsize=7)
+        axis.set_title(
+            f"#{cls + 1}  n={int(particle_counts[cls])}\n{res_text}", fontsize=7
+        )
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

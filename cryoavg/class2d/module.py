@@ -71,7 +71,11 @@ class DataInfo:
 
 
 def iteration_subset(
-    n_particles: int, iteration: int, seed: int, subset_size: int, optics_group: torch.Tensor
+    n_particles: int,
+    iteration: int,
+    seed: int,
+    subset_size: int,
+    optics_group: torch.Tensor,
 ) -> torch.Tensor:
     """Global indices of the particles processed in ``iteration``.
 
@@ -114,7 +118,9 @@ class IterationSampler(Sampler[list[int]]):
         This process and the number of processes; rank ``r`` takes ``subset[r::world_size]``.
     """
 
-    def __init__(self, subset: torch.Tensor, chunk_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, subset: torch.Tensor, chunk_size: int, rank: int = 0, world_size: int = 1
+    ):
         self.indices = subset[rank::world_size].tolist()
         self.chunk_size = max(1, int(chunk_size))
 
@@ -188,7 +194,9 @@ class Class2DModule(lightning.LightningModule):
             pad=settings.pad,
             sigma2_offset_angstrom2=settings.offset_prior_sigma_angstrom**2,
         )
-        self.mask_radius_px = settings.mask_radius_px(data.box_size, data.pixel_size_angstrom)
+        self.mask_radius_px = settings.mask_radius_px(
+            data.box_size, data.pixel_size_angstrom
+        )
         self.schedule = VdamSchedule(
             settings.n_iterations,
             data.n_particles,
@@ -247,10 +255,14 @@ class Class2DModule(lightning.LightningModule):
         """The M-step optimizer of the chosen algorithm."""
         if self.settings.is_vdam:
             return VdamOptimizer(
-                self.state, self.settings, mask_radius_px=self.mask_radius_px,
+                self.state,
+                self.settings,
+                mask_radius_px=self.mask_radius_px,
                 schedule=self.schedule,
             )
-        return EmOptimizer(self.state, self.settings, mask_radius_px=self.mask_radius_px)
+        return EmOptimizer(
+            self.state, self.settings, mask_radius_px=self.mask_radius_px
+        )
 
     def train_dataloader(self) -> DataLoader:
         """The chunks of this epoch's iteration for this rank."""
@@ -288,14 +300,18 @@ class Class2DModule(lightning.LightningModule):
             members = (info.optics_group == g).nonzero().flatten()[:per_group]
             chosen.extend(members.tolist())
         if len(chosen) < 5 * settings.n_classes:
-            chosen = list(range(min(info.n_particles, max(len(chosen), 5 * settings.n_classes))))
+            chosen = list(
+                range(min(info.n_particles, max(len(chosen), 5 * settings.n_classes)))
+            )
         chosen = sorted(set(chosen))
         batch = self.particles.get_batch(chosen)
         images = batch["image"].to(self.device, torch.float32)
         ctf = None
         if settings.do_ctf and info.has_ctf:
             ctf = self._ctf(batch).to(self.device)
-        counts = torch.bincount(info.group, minlength=info.n_groups).to(self.state.scale)
+        counts = torch.bincount(info.group, minlength=info.n_groups).to(
+            self.state.scale
+        )
         initialise_state(
             self.state,
             images,
@@ -316,16 +332,24 @@ class Class2DModule(lightning.LightningModule):
         """Set up the iteration: grids, pixel sets, projector and empty statistics."""
         iteration, state, settings = self.iteration, self.state, self.settings
         generator = torch.Generator().manual_seed(settings.seed * 1000003 + iteration)
-        perturbation = next_perturbation(float(self.perturbation), 0.5, generator=generator)
+        perturbation = next_perturbation(
+            float(self.perturbation), 0.5, generator=generator
+        )
         self.perturbation.fill_(perturbation)
-        self.psi_grid = PsiGrid.build(settings.psi_step_degrees, perturbation=perturbation)
+        self.psi_grid = PsiGrid.build(
+            settings.psi_step_degrees, perturbation=perturbation
+        )
         self.translation_grid = TranslationGrid.build(
             settings.offset_range_px, settings.offset_step_px, perturbation=perturbation
         )
         box = self.data_info.box_size
         current = int(state.current_size)
         if settings.highres_limit_angstrom > 0:
-            strict = 2 * round(box * self.data_info.pixel_size_angstrom / settings.highres_limit_angstrom)
+            strict = 2 * round(
+                box
+                * self.data_info.pixel_size_angstrom
+                / settings.highres_limit_angstrom
+            )
             current = max(2, min(current, strict))
         self.current_size = current
         self.coarse_size = min(
@@ -353,14 +377,23 @@ class Class2DModule(lightning.LightningModule):
             pad=settings.pad,
             device=self.device,
         )
-        subset = self._subset if self._subset is not None else torch.zeros(0, dtype=torch.int64)
-        self._position = torch.full((self.data_info.n_particles,), -1, dtype=torch.int64)
+        subset = (
+            self._subset
+            if self._subset is not None
+            else torch.zeros(0, dtype=torch.int64)
+        )
+        self._position = torch.full(
+            (self.data_info.n_particles,), -1, dtype=torch.int64
+        )
         self._position[subset] = torch.arange(subset.numel())
         self._results = {
-            name: torch.zeros(subset.numel(), dtype=dtype) for name, dtype in PARTICLE_FIELDS.items()
+            name: torch.zeros(subset.numel(), dtype=dtype)
+            for name, dtype in PARTICLE_FIELDS.items()
         }
         self._results["seen"] = torch.zeros(subset.numel(), dtype=torch.int64)
-        self.noise_generator = torch.Generator().manual_seed(settings.seed * 7919 + iteration)
+        self.noise_generator = torch.Generator().manual_seed(
+            settings.seed * 7919 + iteration
+        )
 
     def _ctf(self, batch: dict) -> torch.Tensor:
         premultiplied = self.data_info.ctf_premultiplied[batch["optics_group"]]
@@ -390,7 +423,9 @@ class Class2DModule(lightning.LightningModule):
             norm_correction=self.particle_norm_correction[index].to(self.device),
             ctf=ctf,
             sigma2_noise=state.sigma2_noise.detach(),
-            scale=state.scale.detach() if settings.do_scale else torch.ones_like(state.scale),
+            scale=state.scale.detach()
+            if settings.do_scale
+            else torch.ones_like(state.scale),
             avg_norm=float(state.avg_norm),
             pixel_set=self.pixel_set,
             mask_radius_px=self.mask_radius_px,
@@ -439,7 +474,9 @@ class Class2DModule(lightning.LightningModule):
             "n_significant": result.n_significant,
         }
         for name, value in values.items():
-            self._results[name][position] = value.detach().cpu().to(PARTICLE_FIELDS[name])
+            self._results[name][position] = (
+                value.detach().cpu().to(PARTICLE_FIELDS[name])
+            )
         self._results["seen"][position] = 1
 
     @torch.no_grad()
@@ -465,24 +502,35 @@ class Class2DModule(lightning.LightningModule):
         inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         self.last_report = inner.step(stats=stats, iteration=iteration)
         self.completed_iteration.fill_(iteration)
-        self.last_changes = self._changes(rows, previous_class, previous_psi, previous_offset)
+        self.last_changes = self._changes(
+            rows, previous_class, previous_psi, previous_offset
+        )
         n = max(int(seen.sum()), 1)
         metrics = {
             "train/log_likelihood": float(self.particle_log_likelihood[rows].sum()),
-            "train/log_likelihood_per_particle": float(self.particle_log_likelihood[rows].sum()) / n,
-            "train/average_pmax": float(self.particle_pmax[rows].float().mean()) if rows.numel() else 0.0,
+            "train/log_likelihood_per_particle": float(
+                self.particle_log_likelihood[rows].sum()
+            )
+            / n,
+            "train/average_pmax": float(self.particle_pmax[rows].float().mean())
+            if rows.numel()
+            else 0.0,
             "train/step_size": self.last_report.step_size,
             "train/tau2_fudge": self.last_report.tau2_fudge,
             "train/subset_size": float(rows.numel()),
             "train/current_size": float(self.state.current_size),
             "train/changes_classes": self.last_changes.get("classes", 0.0),
         }
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False, rank_zero_only=True)
+        self.log_dict(
+            metrics, on_step=False, on_epoch=True, prog_bar=False, rank_zero_only=True
+        )
         self._stats = None
 
     def _all_reduce_results(self) -> None:
         """Sum the per-particle results of this iteration over DDP ranks."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
             return
         for name, tensor in self._results.items():
             reduced = tensor.to(self.device)
@@ -505,10 +553,16 @@ class Class2DModule(lightning.LightningModule):
         had = previous_class >= 0
         classes = (self.particle_class_index[rows] != previous_class)[had].float()
         dpsi = (self.particle_psi_degrees[rows] - previous_psi + 180) % 360 - 180
-        offset = torch.stack([self.particle_offset_y_px[rows], self.particle_offset_x_px[rows]], 1)
+        offset = torch.stack(
+            [self.particle_offset_y_px[rows], self.particle_offset_x_px[rows]], 1
+        )
         doff = (offset - previous_offset)[had] * self.data_info.pixel_size_angstrom
         return {
             "classes": float(classes.mean()) if classes.numel() else 1.0,
-            "orientations_degrees": float(dpsi[had].abs().mean()) if had.any() else 999.0,
-            "offsets_angstrom": float(doff.square().mean().sqrt()) if had.any() else 999.0,
+            "orientations_degrees": float(dpsi[had].abs().mean())
+            if had.any()
+            else 999.0,
+            "offsets_angstrom": float(doff.square().mean().sqrt())
+            if had.any()
+            else 999.0,
         }

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from cryoavg.ops.fourier import shell_index
+from cryoavg.ops.shifts import translation_grid_2d
 
 __all__ = [
     "PixelSet",
@@ -193,7 +194,8 @@ class TranslationGrid:
         """Build the grid from the user's range and (fine) step.
 
         Coarse points are ``(iy·Δ, ix·Δ)`` with ``|ix|, |iy| ≤ ceil(range/Δ)`` and
-        ``x² + y² < range² + 0.001``, ordered with ``iy`` outer and ``ix`` inner.
+        ``x² + y² < range² + 0.001``, in RELION's order (``ix`` outer, ``iy`` inner;
+        :func:`cryoavg.ops.shifts.translation_grid_2d`).
 
         Parameters
         ----------
@@ -210,12 +212,8 @@ class TranslationGrid:
         """
         step = 2.0 * float(offset_step_px)
         rng = float(offset_range_px)
-        n_max = math.ceil(rng / step - 1e-9) if step > 0 else 0
-        i = torch.arange(-n_max, n_max + 1, dtype=torch.float64)
-        iy, ix = torch.meshgrid(i, i, indexing="ij")
-        yx = torch.stack([iy.reshape(-1), ix.reshape(-1)], dim=-1) * step  # (n², 2)
-        keep = (yx**2).sum(-1) < rng**2 + 0.001
-        coarse = yx[keep] + perturbation * step  # (t_c, 2)
+        base = translation_grid_2d(rng, step, dtype=torch.float64)  # (t_c, 2) yx
+        coarse = base + perturbation * step  # (t_c, 2)
         m = torch.arange(2, dtype=torch.float64)
         sub = -0.5 * step + (m + 0.5) * 0.5 * step  # (2,)
         my, mx = torch.meshgrid(sub, sub, indexing="ij")

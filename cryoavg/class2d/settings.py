@@ -131,8 +131,13 @@ class Class2DSettings:
             return int(self.max_significant)
         return 5 * self.n_classes if self.is_vdam else 0
 
-    def validate(self, *, box_size: int | None = None, pixel_size_angstrom: float | None = None,
-                 n_particles: int | None = None) -> None:
+    def validate(
+        self,
+        *,
+        box_size: int | None = None,
+        pixel_size_angstrom: float | None = None,
+        n_particles: int | None = None,
+    ) -> None:
         """Check the options (and their fit to the data when the data are known).
 
         Raises
@@ -141,7 +146,9 @@ class Class2DSettings:
             With a one-line explanation naming the offending key.
         """
         if self.algorithm not in ("vdam", "em"):
-            raise ConfigError(f"algorithm must be 'vdam' or 'em', got {self.algorithm!r}")
+            raise ConfigError(
+                f"algorithm must be 'vdam' or 'em', got {self.algorithm!r}"
+            )
         if self.n_classes < 1:
             raise ConfigError(f"classes must be ≥ 1, got {self.n_classes}")
         if self.n_iterations < 1:
@@ -149,13 +156,17 @@ class Class2DSettings:
         if self.tau2_fudge <= 0:
             raise ConfigError(f"tau2_fudge must be > 0, got {self.tau2_fudge}")
         if not 0 < self.psi_step_degrees <= 90:
-            raise ConfigError(f"psi_step must be in (0, 90] degrees, got {self.psi_step_degrees}")
+            raise ConfigError(
+                f"psi_step must be in (0, 90] degrees, got {self.psi_step_degrees}"
+            )
         if self.offset_range_px < 0:
             raise ConfigError(f"offset_range must be ≥ 0, got {self.offset_range_px}")
         if self.offset_step_px <= 0:
             raise ConfigError(f"offset_step must be > 0, got {self.offset_step_px}")
         if not 0 < self.adaptive_fraction <= 1:
-            raise ConfigError(f"adaptive_fraction must be in (0, 1], got {self.adaptive_fraction}")
+            raise ConfigError(
+                f"adaptive_fraction must be in (0, 1], got {self.adaptive_fraction}"
+            )
         if self.write_every < 1:
             raise ConfigError(f"write_every must be ≥ 1, got {self.write_every}")
         if n_particles is not None:

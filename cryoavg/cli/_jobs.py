@@ -109,7 +109,9 @@ def job_directory(
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputError(f"{path}: cannot create the output directory ({err.strerror})") from err
+        raise OutputError(
+            f"{path}: cannot create the output directory ({err.strerror})"
+        ) from err
     try:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         note = path / "note.txt"

@@ -1,4 +1,4 @@
-"""``cryoavg class2d``: reference-free 2D class averaging (RELION Class2D, VDAM or EM).
+r"""``cryoavg class2d``: reference-free 2D class averaging (RELION Class2D, VDAM or EM).
 
 Example (the RELION tutorial's settings)::
 
@@ -47,7 +47,9 @@ def settings_from_config(cfg: DictConfig):
         tau2_fudge=float(cfg.tau2_fudge),
         n_iterations=int(cfg.iterations),
         algorithm=str(cfg.algorithm).lower(),
-        particle_diameter_angstrom=None if cfg.mask_diameter is None else float(cfg.mask_diameter),
+        particle_diameter_angstrom=None
+        if cfg.mask_diameter is None
+        else float(cfg.mask_diameter),
         zero_mask=bool(cfg.zero_mask),
         flatten_solvent=bool(cfg.flatten_solvent),
         highres_limit_angstrom=float(cfg.highres_limit),
@@ -81,21 +83,30 @@ def data_info(table: ParticleTable, source: ImageSource, settings) -> Any:
         )
     box = int(source.box_size)
     pixel = float(np.asarray(table.pixel_size_angstrom)[0])
-    settings.validate(box_size=box, pixel_size_angstrom=pixel, n_particles=table.n_particles)
+    settings.validate(
+        box_size=box, pixel_size_angstrom=pixel, n_particles=table.n_particles
+    )
     if settings.do_ctf and not table.has_ctf:
         raise InputError(
-            table.path, "ctf=true but the STAR file has no CTF columns (rlnDefocusU/V, ...); "
-            "use ctf=false for CTF-free data"
+            table.path,
+            "ctf=true but the STAR file has no CTF columns (rlnDefocusU/V, ...); "
+            "use ctf=false for CTF-free data",
         )
-    premultiplied = torch.as_tensor(np.asarray(table.ctf_premultiplied, dtype=bool)).reshape(-1)
+    premultiplied = torch.as_tensor(
+        np.asarray(table.ctf_premultiplied, dtype=bool)
+    ).reshape(-1)
     return DataInfo(
         n_particles=table.n_particles,
         box_size=box,
         pixel_size_angstrom=pixel,
         n_optics_groups=table.n_optics_groups,
         n_groups=table.n_groups,
-        optics_group=torch.as_tensor(np.asarray(table.optics_group_index), dtype=torch.int64),
-        group=torch.as_tensor(np.asarray(table.micrograph_group_index), dtype=torch.int64),
+        optics_group=torch.as_tensor(
+            np.asarray(table.optics_group_index), dtype=torch.int64
+        ),
+        group=torch.as_tensor(
+            np.asarray(table.micrograph_group_index), dtype=torch.int64
+        ),
         ctf_premultiplied=premultiplied,
         has_ctf=bool(table.has_ctf),
     )
@@ -122,7 +133,9 @@ def initial_particle_values(
         values["class_index"] = frame["rlnClassNumber"].to_numpy(np.int64) - 1
     for name, array in values.items():
         if not np.all(np.isfinite(array)):
-            raise InputError(table.path, f"non-finite values in the input column for {name}")
+            raise InputError(
+                table.path, f"non-finite values in the input column for {name}"
+            )
     return values
 
 
@@ -144,13 +157,23 @@ def make_demo_particles(job_dir: Path) -> Path:
 
     volume, pixel = prepare_volume(demo_map_path(), DEMO["box"], None, None)
     params = SimulationParameters(
-        n_particles=DEMO["n_particles"], box_size=DEMO["box"], pixel_size_angstrom=pixel,
-        junk_fraction=DEMO["junk_fraction"], snr=DEMO["snr"], seed=DEMO["seed"],
+        n_particles=DEMO["n_particles"],
+        box_size=DEMO["box"],
+        pixel_size_angstrom=pixel,
+        junk_fraction=DEMO["junk_fraction"],
+        snr=DEMO["snr"],
+        seed=DEMO["seed"],
     )
     out = job_dir / "demo_data"
     out.mkdir(parents=True, exist_ok=True)
-    write_simulation(out, simulate_particles(volume, params), params, map_path=str(demo_map_path()))
-    log.info("simulated the demo data set (%d HSP60 particles, 20%% junk) in %s", params.n_particles, out)
+    write_simulation(
+        out, simulate_particles(volume, params), params, map_path=str(demo_map_path())
+    )
+    log.info(
+        "simulated the demo data set (%d HSP60 particles, 20%% junk) in %s",
+        params.n_particles,
+        out,
+    )
     return out / "particles.star"
 
 
@@ -197,7 +220,9 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 particles_star = str(make_demo_particles(job_dir))
             table = read_particles(
                 particles_star,
-                pixel_size_angstrom=None if cfg.pixel_size is None else float(cfg.pixel_size),
+                pixel_size_angstrom=None
+                if cfg.pixel_size is None
+                else float(cfg.pixel_size),
                 project_dir=cfg.project_dir,
             )
         source = ImageSource.from_table(table, preread=settings.preread_images)
@@ -228,7 +253,10 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             )
         root = job_dir / "run"
         writer = RelionWriter(
-            root, table, command_line(), write_tensorboard=bool(cfg.logger.enabled),
+            root,
+            table,
+            command_line(),
+            write_tensorboard=bool(cfg.logger.enabled),
             checkpoint_path=job_dir / "last.ckpt",
         )
         logger: Any = False
@@ -258,7 +286,9 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         )
         trainer.fit(module, ckpt_path=ckpt_path)
     elapsed = time.perf_counter() - started
-    counts = torch.bincount(module.particle_class_index.clamp_min(0), minlength=settings.n_classes)
+    counts = torch.bincount(
+        module.particle_class_index.clamp_min(0), minlength=settings.n_classes
+    )
     metrics = {
         "iterations": int(module.completed_iteration),
         "wall_seconds": elapsed,
@@ -266,10 +296,17 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "nonempty_classes": int((counts > 0).sum()),
     }
     log.info(
-        "Class2D finished iteration %d in %.1f s: %s", metrics["iterations"], elapsed,
+        "Class2D finished iteration %d in %.1f s: %s",
+        metrics["iterations"],
+        elapsed,
         job_dir / f"run_it{metrics['iterations']:03d}_optimiser.star",
     )
-    return metrics, {"job_dir": job_dir, "module": module, "trainer": trainer, "table": table}
+    return metrics, {
+        "job_dir": job_dir,
+        "module": module,
+        "trainer": trainer,
+        "table": table,
+    }
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="class2d")

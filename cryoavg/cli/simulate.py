@@ -1,4 +1,4 @@
-"""``cryoavg simulate``: particles with CTF, noise and junk from a 3D map, plus ground truth.
+r"""``cryoavg simulate``: particles with CTF, noise and junk from a 3D map, plus ground truth.
 
 Keys (see ``configs/simulate.yaml``): ``map``, ``output``, ``n_particles``, ``junk_fraction``,
 ``junk_types``, ``snr``, ``box``, ``pixel_size``, ``defocus_min_um``, ``defocus_max_um``,
@@ -55,7 +55,8 @@ def prepare_volume(
     if source_pixel is None or source_pixel <= 0:
         if pixel_size is None:
             raise InputError(
-                map_path, "no pixel size in the MRC header: give map_pixel_size=... (Å/px)"
+                map_path,
+                "no pixel size in the MRC header: give map_pixel_size=... (Å/px)",
             )
         source_pixel = pixel_size
     target_pixel = float(pixel_size) if pixel_size is not None else float(source_pixel)
@@ -65,7 +66,10 @@ def prepare_volume(
         volume = resize_fourier_3d(volume, new_size)
         log.info(
             "resampled the map from %.3f to %.3f Å/px (%d -> %d px)",
-            source_pixel, target_pixel, data.shape[0], new_size,
+            source_pixel,
+            target_pixel,
+            data.shape[0],
+            new_size,
         )
     return fit_volume_to_box(volume, box), target_pixel
 
@@ -127,8 +131,12 @@ def run_simulate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         info = write_simulation(job_dir, result, params, map_path=str(map_path))
     log.info(
         "simulated %d particles (%d junk) of %d px at %.3f Å/px in %.1f s -> %s",
-        params.n_particles, int(result.is_junk.sum()), params.box_size, pixel_size,
-        time.perf_counter() - start, job_dir / "particles.star",
+        params.n_particles,
+        int(result.is_junk.sum()),
+        params.box_size,
+        pixel_size,
+        time.perf_counter() - start,
+        job_dir / "particles.star",
     )
     return info, {"job_dir": job_dir, "result": result}
 

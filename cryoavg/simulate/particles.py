@@ -95,28 +95,47 @@ class SimulationParameters:
         """Raise :class:`~cryoavg.errors.ConfigError` for values that make no sense."""
         checks = [
             (self.n_particles >= 1, f"n_particles must be ≥ 1, got {self.n_particles}"),
-            (self.box_size >= 16 and self.box_size % 2 == 0,
-             f"box must be an even number ≥ 16, got {self.box_size}"),
-            (self.pixel_size_angstrom > 0,
-             f"pixel_size must be > 0, got {self.pixel_size_angstrom}"),
-            (0.0 <= self.junk_fraction <= 1.0,
-             f"junk_fraction must be in [0, 1], got {self.junk_fraction}"),
+            (
+                self.box_size >= 16 and self.box_size % 2 == 0,
+                f"box must be an even number ≥ 16, got {self.box_size}",
+            ),
+            (
+                self.pixel_size_angstrom > 0,
+                f"pixel_size must be > 0, got {self.pixel_size_angstrom}",
+            ),
+            (
+                0.0 <= self.junk_fraction <= 1.0,
+                f"junk_fraction must be in [0, 1], got {self.junk_fraction}",
+            ),
             (self.snr is None or self.snr > 0, f"snr must be > 0, got {self.snr}"),
-            (0 < self.defocus_min_um <= self.defocus_max_um,
-             f"need 0 < defocus_min_um ≤ defocus_max_um, got "
-             f"{self.defocus_min_um}, {self.defocus_max_um}"),
+            (
+                0 < self.defocus_min_um <= self.defocus_max_um,
+                f"need 0 < defocus_min_um ≤ defocus_max_um, got "
+                f"{self.defocus_min_um}, {self.defocus_max_um}",
+            ),
             (self.astigmatism_max_angstrom >= 0, "astigmatism must be ≥ 0"),
-            (0.0 <= self.amplitude_contrast < 1.0, "amplitude_contrast must be in [0, 1)"),
+            (
+                0.0 <= self.amplitude_contrast < 1.0,
+                "amplitude_contrast must be in [0, 1)",
+            ),
             (self.shift_sigma_px >= 0, "shift_sigma_px must be ≥ 0"),
-            (1 <= self.particles_per_micrograph[0] <= self.particles_per_micrograph[1],
-             f"bad particles_per_micrograph {self.particles_per_micrograph}"),
+            (
+                1
+                <= self.particles_per_micrograph[0]
+                <= self.particles_per_micrograph[1],
+                f"bad particles_per_micrograph {self.particles_per_micrograph}",
+            ),
         ]
         unknown = sorted(set(self.junk_types) - set(JUNK_TYPES))
-        checks.append((not unknown, f"unknown junk types {unknown}; known: {JUNK_TYPES}"))
-        checks.append((
-            self.junk_fraction == 0 or len(self.junk_types) > 0,
-            "junk_fraction > 0 needs at least one junk type",
-        ))
+        checks.append(
+            (not unknown, f"unknown junk types {unknown}; known: {JUNK_TYPES}")
+        )
+        checks.append(
+            (
+                self.junk_fraction == 0 or len(self.junk_types) > 0,
+                "junk_fraction > 0 needs at least one junk type",
+            )
+        )
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -180,7 +199,9 @@ def particle_radius_px(volume: torch.Tensor, fraction: float = 0.99) -> float:
     size = volume.shape[-1]
     coords = torch.arange(size, dtype=torch.float32) - size // 2
     radius = torch.sqrt(
-        coords[:, None, None] ** 2 + coords[None, :, None] ** 2 + coords[None, None, :] ** 2
+        coords[:, None, None] ** 2
+        + coords[None, :, None] ** 2
+        + coords[None, None, :] ** 2
     )
     outer = radius > 0.45 * size
     background = volume[outer].median() if bool(outer.any()) else volume.new_zeros(())
@@ -223,11 +244,17 @@ def _crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., lo : lo + size, lo : lo + size]
 
 
-def _uniform(generator: torch.Generator, low: float, high: float, *shape: int) -> torch.Tensor:
-    return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+def _uniform(
+    generator: torch.Generator, low: float, high: float, *shape: int
+) -> torch.Tensor:
+    return low + (high - low) * torch.rand(
+        shape, generator=generator, dtype=torch.float64
+    )
 
 
-def _micrograph_sizes(n: int, lo: int, hi: int, generator: torch.Generator) -> torch.Tensor:
+def _micrograph_sizes(
+    n: int, lo: int, hi: int, generator: torch.Generator
+) -> torch.Tensor:
     """Random micrograph sizes in [lo, hi] that add up to ``n``; returns the index of each particle."""
     sizes: list[int] = []
     total = 0
@@ -279,18 +306,29 @@ def simulate_particles(
     is_junk = torch.zeros(n, dtype=torch.bool)
     is_junk[permutation[:n_junk]] = True
     junk_type = ["none"] * n
-    kinds = [params.junk_types[i % len(params.junk_types)] for i in range(n_junk)] if n_junk else []
+    kinds = (
+        [params.junk_types[i % len(params.junk_types)] for i in range(n_junk)]
+        if n_junk
+        else []
+    )
     kind_order = torch.randperm(max(n_junk, 1), generator=generator)[:n_junk]
     for slot, particle in enumerate(permutation[:n_junk].tolist()):
         junk_type[particle] = kinds[int(kind_order[slot])]
     angles = random_rotations(n, generator=generator).to(torch.float64)
-    origin = torch.randn((n, 2), generator=generator, dtype=torch.float64) * params.shift_sigma_px
+    origin = (
+        torch.randn((n, 2), generator=generator, dtype=torch.float64)
+        * params.shift_sigma_px
+    )
     micrograph = _micrograph_sizes(n, *params.particles_per_micrograph, generator)
     n_mics = int(micrograph.max()) + 1
-    mic_defocus = _uniform(generator, params.defocus_min_um * 1e4, params.defocus_max_um * 1e4, n_mics)
+    mic_defocus = _uniform(
+        generator, params.defocus_min_um * 1e4, params.defocus_max_um * 1e4, n_mics
+    )
     mic_astig = _uniform(generator, 0.0, params.astigmatism_max_angstrom, n_mics)
     mic_angle = _uniform(generator, 0.0, 180.0, n_mics)
-    jitter = torch.randn(n, generator=generator, dtype=torch.float64) * 50.0  # Å per particle
+    jitter = (
+        torch.randn(n, generator=generator, dtype=torch.float64) * 50.0
+    )  # Å per particle
     mean_defocus = mic_defocus[micrograph] + jitter
     defocus_u = mean_defocus + mic_astig[micrograph] / 2
     defocus_v = mean_defocus - mic_astig[micrograph] / 2
@@ -299,7 +337,11 @@ def simulate_particles(
     origin[is_junk] = 0.0
 
     # one junk "recipe" per junk particle, drawn now so results do not depend on chunking
-    recipes = {i: _draw_junk_recipe(junk_type[i], size, radius, generator) for i in range(n) if is_junk[i]}
+    recipes = {
+        i: _draw_junk_recipe(junk_type[i], size, radius, generator)
+        for i in range(n)
+        if is_junk[i]
+    }
 
     images = torch.empty((n, size, size), dtype=torch.float32)
     uses_ctf = torch.full((n,), params.apply_ctf, dtype=torch.bool)
@@ -312,7 +354,9 @@ def simulate_particles(
         indexing="ij",
     )
     # size junk features relative to the typical projection contrast
-    signal_scale = float(project_volume_2d(volume, angles.new_zeros((1, 3)).float()).std()) or 1.0
+    signal_scale = (
+        float(project_volume_2d(volume, angles.new_zeros((1, 3)).float()).std()) or 1.0
+    )
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         rows = torch.arange(start, stop)
@@ -331,10 +375,14 @@ def simulate_particles(
                 copy_angles.append(recipe["angles"].to(torch.float64))
                 copy_shifts.append(recipe["shifts"].to(torch.float64))
             else:
-                frame[i - start] = _render_flat_junk(recipes[i], canvas, signal_scale, yy, xx)
+                frame[i - start] = _render_flat_junk(
+                    recipes[i], canvas, signal_scale, yy, xx
+                )
         if owners:
             owner = torch.cat(owners) - start
-            projections = project_volume_2d(volume, torch.cat(copy_angles).to(torch.float32))
+            projections = project_volume_2d(
+                volume, torch.cat(copy_angles).to(torch.float32)
+            )
             placed = shift_images_2d(
                 _embed(projections, canvas), torch.cat(copy_shifts).to(torch.float32)
             )
@@ -422,7 +470,9 @@ def _draw_junk_recipe(
         return {
             "kind": kind,
             "angles": random_rotations(n_copies, generator=generator),
-            "shifts": torch.stack([distance * torch.sin(direction), distance * torch.cos(direction)], 1),
+            "shifts": torch.stack(
+                [distance * torch.sin(direction), distance * torch.cos(direction)], 1
+            ),
         }
     if kind == "offcentre":
         direction = float(_uniform(generator, 0.0, 2 * math.pi, 1))
@@ -430,7 +480,9 @@ def _draw_junk_recipe(
         return {
             "kind": kind,
             "angles": random_rotations(1, generator=generator),
-            "shifts": torch.tensor([[distance * math.sin(direction), distance * math.cos(direction)]]),
+            "shifts": torch.tensor(
+                [[distance * math.sin(direction), distance * math.cos(direction)]]
+            ),
         }
     raise ConfigError(f"unknown junk type {kind!r}")
 
@@ -447,15 +499,27 @@ def _render_flat_junk(
     image = yy.new_zeros((canvas, canvas))
     if kind == "ice":
         for centre, disc_radius, edge, amplitude in zip(
-            recipe["centres"], recipe["radii"], recipe["edges"], recipe["amplitudes"], strict=True
+            recipe["centres"],
+            recipe["radii"],
+            recipe["edges"],
+            recipe["amplitudes"],
+            strict=True,
         ):
-            distance = torch.sqrt((yy - float(centre[0])) ** 2 + (xx - float(centre[1])) ** 2)
-            image += float(amplitude) * signal_scale * 0.5 * (
-                1 - torch.tanh((distance - float(disc_radius)) / float(edge))
+            distance = torch.sqrt(
+                (yy - float(centre[0])) ** 2 + (xx - float(centre[1])) ** 2
+            )
+            image += (
+                float(amplitude)
+                * signal_scale
+                * 0.5
+                * (1 - torch.tanh((distance - float(disc_radius)) / float(edge)))
             )
     elif kind == "carbon":
         along = math.cos(recipe["angle"]) * xx + math.sin(recipe["angle"]) * yy
-        image = recipe["amplitude"] * signal_scale * 0.5 * (
-            1 + torch.tanh((along - recipe["offset"]) / recipe["edge"])
+        image = (
+            recipe["amplitude"]
+            * signal_scale
+            * 0.5
+            * (1 + torch.tanh((along - recipe["offset"]) / recipe["edge"]))
         )
     return image

@@ -94,9 +94,16 @@ def write_simulation(
     for mic in np.unique(micrograph):
         rows = np.flatnonzero(micrograph == mic)
         stack_name = f"mic{mic + 1:05d}.mrcs"
-        write_mrc(stacks_dir / stack_name, images[rows], params.pixel_size_angstrom, is_stack=True)
+        write_mrc(
+            stacks_dir / stack_name,
+            images[rows],
+            params.pixel_size_angstrom,
+            is_stack=True,
+        )
         for slot, row in enumerate(rows):
-            image_names[row] = format_image_name(slot, str(base / "Particles" / stack_name))
+            image_names[row] = format_image_name(
+                slot, str(base / "Particles" / stack_name)
+            )
         micrograph_names[rows] = f"MotionCorr/job002/Movies/mic{mic + 1:05d}.mrc"
         # a plausible picking grid on a 4k x 4k micrograph
         grid = np.arange(len(rows))
@@ -141,13 +148,20 @@ def write_simulation(
     write_star(job_dir / "ground_truth.star", {"optics": optics, "particles": truth})
     info: dict[str, object] = {
         "map": map_path,
-        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()},
+        **{
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(params).items()
+        },
         "n_micrographs": int(micrograph.max()) + 1,
         "particle_radius_px": result.particle_radius_px,
-        "particle_diameter_angstrom": 2 * result.particle_radius_px * params.pixel_size_angstrom,
+        "particle_diameter_angstrom": 2
+        * result.particle_radius_px
+        * params.pixel_size_angstrom,
         "noise_sigma": result.noise_sigma,
         "junk_counts": {
-            kind: result.junk_type.count(kind) for kind in sorted(set(result.junk_type)) if kind != "none"
+            kind: result.junk_type.count(kind)
+            for kind in sorted(set(result.junk_type))
+            if kind != "none"
         },
     }
     with atomic_write(job_dir / "sim_info.json") as handle:

@@ -45,7 +45,8 @@ def test_translation_grid_default():
     r2 = (grid.coarse_px**2).sum(-1)
     assert bool((r2 < 25.001).all())
     assert bool(((grid.coarse_px / 2.0).round() * 2.0 == grid.coarse_px).all())
-    assert grid.coarse_px[0].tolist() == [-4.0, -2.0]  # iy outer, ix inner
+    assert grid.coarse_px[0].tolist() == [-2.0, -4.0]  # ix outer, iy inner (RELION)
+    assert grid.coarse_px[1].tolist() == [0.0, -4.0]
     # fine index 4j + 2·my + mx, sub-grid x − Δ/2 + (m + ½)·Δ/2
     j = 7
     c = grid.coarse_px[j]

@@ -1,9 +1,8 @@
 import subprocess
 import sys
 
-from tests.conftest import compose_job
-
 from cryoavg.cli.main import JOBS
+from tests.conftest import compose_job
 
 
 def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:

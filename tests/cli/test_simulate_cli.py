@@ -69,7 +69,9 @@ def test_truncated_map_is_one_line_error(tmp_path):
 def test_bad_value_is_one_line_error(tmp_path):
     out = _cli("simulate", "n_particles=0", "box=32", "pixel_size=15.68", cwd=tmp_path)
     _assert_one_line_error(out, "n_particles")
-    out = _cli("simulate", "junk_fraction=1.5", "box=32", "pixel_size=15.68", cwd=tmp_path)
+    out = _cli(
+        "simulate", "junk_fraction=1.5", "box=32", "pixel_size=15.68", cwd=tmp_path
+    )
     _assert_one_line_error(out, "junk_fraction")
     assert not (tmp_path / "Simulate").exists()
 

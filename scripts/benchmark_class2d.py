@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""Class2D benchmark: quality and speed on the public case, plus E-step throughput.
+
+Two parts, each printing a JSON summary (and writing it to ``--out``):
+
+1. ``case``: runs ``cryoavg class2d`` on the public benchmark case of ``../shared/bench``
+   (70S ribosome, 4000 particles + 1000 junk, 64 px; generated with ``make_case.sh`` if absent)
+   with exactly RELION's settings from the kit's README (K=20, T=2, 100 VDAM iterations, mask
+   300 Å, zero mask, centre classes, 6° / 1 px), measures CPU time (user+sys of the job process),
+   wall time and peak RSS, scores the result with the kit's ``metrics2d.py`` and prints the ratios
+   against RELION 5's figures from the kit's README (same kind of 2-core machine).
+2. ``estep``: E-step throughput. Times ``expectation_step`` on a realistic batch and counts the
+   floating-point work of its scoring GEMMs; compares the achieved FLOP/s with ``torch.matmul`` of
+   the same shape measured in the same run on the same device, and reports peak memory.
+
+Usage::
+
+    python scripts/benchmark_class2d.py estep [--device cuda]
+    python scripts/benchmark_class2d.py case [--algorithm em] [--case-dir bench_out/ribosome70S]
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CRYOAVG_SHARED", REPO.parent / "shared"))
+
+#: RELION 5.0.1 VDAM on the public case (../shared/bench/README.md)
+RELION = {
+    "view_error_deg": 70.8,
+    "inplane_spread_deg": 47.6,
+    "junk_isolation": 0.389,
+    "good_in_junk_classes": 0.0003,
+    "class_fidelity_ncc_median": 0.815,
+    "class_fidelity_frc05_A_median": 27.8,
+    "distinct_views": 11,
+    "cpu_seconds": 1275.0,
+    "peak_memory_mb": 198.0,
+}
+LOWER_IS_BETTER = {"view_error_deg", "inplane_spread_deg", "good_in_junk_classes",
+                   "class_fidelity_frc05_A_median", "cpu_seconds"}
+
+
+# ------------------------------------------------------------------------------ E-step
+def _time(fn, repeats: int = 3) -> float:
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def benchmark_estep(args: argparse.Namespace) -> dict:
+    """Time the E-step and compare its GEMM FLOP/s with torch.matmul on the same device."""
+    from cryoavg.class2d.estep import EStepBatch, expectation_step
+    from cryoavg.class2d.projector import ClassProjector
+    from cryoavg.class2d.sampling import PixelSet, PsiGrid, TranslationGrid
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    box, k, b = args.box, args.classes, args.batch
+    psi = PsiGrid.build(args.psi_step)
+    trans = TranslationGrid.build(args.offset_range, args.offset_step)
+    current = args.current_size or box
+    pixels = PixelSet.for_size(box, current, device=device)
+    p = pixels.n_pixels
+    # smooth random class images and particles made from them (converged-like regime)
+    images = torch.nn.functional.avg_pool2d(torch.randn(k, 1, box, box), 5, 1, 2)[:, 0]
+    projector = ClassProjector(images.to(device), r_max=current / 2)
+    refs = projector.rotated_references(psi.fine_degrees[::2].to(device), pixels)  # (k, r, p)
+    pick = torch.randint(0, k, (b,))
+    rot = torch.randint(0, refs.shape[1], (b,))
+    data = refs[pick.to(device), rot.to(device)] + 0.3 * torch.randn(b, p, dtype=refs.dtype, device=device)
+    batch = EStepBatch(
+        images_masked_rfft=data,
+        images_unmasked_rfft=data.clone(),
+        ctf=torch.ones(b, p, device=device),
+        scale=torch.ones(b, device=device),
+        sigma2=torch.full((b, p), 0.05, device=device),
+        offset_px=torch.zeros(b, 2, device=device),
+        index=torch.arange(b, device=device),
+        optics_group=torch.zeros(b, dtype=torch.int64, device=device),
+        group=torch.zeros(b, dtype=torch.int64, device=device),
+        masked_power_beyond=torch.zeros(b, device=device),
+        masked_shell_power_beyond=torch.zeros(b, box // 2 + 1, device=device),
+    )
+    prior = torch.full((k,), 1.0 / k, device=device)
+
+    def run_estep():
+        return expectation_step(
+            batch, projector, psi, trans, pixels,
+            class_prior=prior,
+            class_offset_prior_angstrom=torch.zeros(k, 2, device=device),
+            sigma2_offset_angstrom2=100.0, pixel_size=args.pixel_size,
+            coarse_size=args.coarse_size or current, max_significant=5 * k,
+        )
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    estep_seconds = _time(run_estep)
+    result = run_estep()
+    coarse_pixels = pixels.count_within(args.coarse_size or current) - 1
+    r_c, t_c = psi.n_coarse, trans.n_coarse
+    # real-arithmetic FLOPs of the scoring GEMMs: cross term (b·t, 2p)×(2p, k·r) and the
+    # |P|² term (b, p)×(p, k·r), coarse pass; the fine pass is a gather over the significant set
+    gemm_flops = 2.0 * (b * t_c) * (2 * coarse_pixels) * (k * r_c) + 2.0 * b * coarse_pixels * (k * r_c)
+    a = torch.randn(b * t_c, 2 * coarse_pixels, device=device)
+    m = torch.randn(2 * coarse_pixels, k * r_c, device=device)
+    matmul_seconds = _time(lambda: a @ m)
+    matmul_flops = 2.0 * a.shape[0] * a.shape[1] * m.shape[1] / matmul_seconds
+    square = torch.randn(4096, 4096, device=device)
+    dense_seconds = _time(lambda: square @ square)
+    dense_flops = 2.0 * 4096**3 / dense_seconds
+    peak = (torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    estep_flops = gemm_flops / estep_seconds
+    return {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "batch": b, "classes": k, "box": box, "coarse_psi": r_c, "coarse_translations": t_c,
+        "coarse_pixels": coarse_pixels, "mean_significant": float(result.n_significant.float().mean()),
+        "estep_seconds_per_batch": estep_seconds,
+        "particles_per_second": b / estep_seconds,
+        "estep_gemm_gflops": estep_flops / 1e9,
+        "matmul_same_shape_gflops": matmul_flops / 1e9,
+        "matmul_dense_4096_gflops": dense_flops / 1e9,
+        "estep_fraction_of_matmul_same_shape": estep_flops / matmul_flops,
+        "estep_fraction_of_dense_matmul": estep_flops / dense_flops,
+        "peak_memory_mb": peak,
+    }
+
+
+# ------------------------------------------------------------------------------ case
+def ensure_case(case_dir: Path) -> Path:
+    """Generate the public case with the kit's make_case.sh if it is not there yet."""
+    if (case_dir / "particles.star").is_file():
+        return case_dir
+    kit = SHARED / "bench" / "make_case.sh"
+    if not kit.is_file():
+        sys.exit(f"error: {kit}: benchmark kit not found (set CRYOAVG_SHARED)")
+    case_dir.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PY": sys.executable}
+    subprocess.run(["bash", str(kit), str(case_dir.resolve())], check=True, env=env, cwd=kit.parent)
+    return case_dir
+
+
+def benchmark_case(args: argparse.Namespace) -> dict:
+    """Run cryoavg class2d on the public case and score it against RELION's figures."""
+    case = ensure_case(Path(args.case_dir))
+    out = Path(args.run_dir or f"bench_out/class2d_{args.algorithm}")
+    if out.exists() and not args.reuse:
+        sys.exit(f"error: {out}: exists (use --reuse to score it, or another --run-dir)")
+    iterations = args.iterations or (100 if args.algorithm == "vdam" else 25)
+    command = [
+        sys.executable, "-m", "cryoavg.cli.main", "class2d",
+        f"particles={case / 'particles.star'}", f"output={out}", "classes=20", "tau2_fudge=2",
+        f"iterations={iterations}", f"algorithm={args.algorithm}", "mask_diameter=300",
+        "zero_mask=true", "highres_limit=-1", "center_classes=true", "psi_step=6",
+        "offset_range=5", "offset_step=1", "ctf=true", f"seed={args.seed}",
+        "trainer.enable_progress_bar=false", "logger=none",
+    ]
+    run = {}
+    if not (out / f"run_it{iterations:03d}_optimiser.star").is_file():
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        run = {
+            "wall_seconds": wall,
+            "cpu_seconds": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "peak_memory_mb": after.ru_maxrss / 1024,
+        }
+    metrics_script = SHARED / "bench" / "metrics2d.py"
+    scored = subprocess.run(
+        [sys.executable, str(metrics_script), "--case", str(case),
+         "--data", str(out / f"run_it{iterations:03d}_data.star")],
+        check=True, capture_output=True, text=True, cwd=metrics_script.parent,
+    )
+    metrics = json.loads(scored.stdout)
+    fidelity = metrics.get("class_fidelity", {})
+    figures = {
+        "view_error_deg": metrics.get("view_error_deg"),
+        "inplane_spread_deg": metrics.get("inplane_spread_deg"),
+        "junk_isolation": metrics.get("junk_isolation"),
+        "good_in_junk_classes": metrics.get("good_in_junk_classes"),
+        "class_fidelity_ncc_median": fidelity.get("ncc_median"),
+        "class_fidelity_frc05_A_median": fidelity.get("frc05_A_median"),
+        "distinct_views": metrics.get("distinct_views", fidelity.get("distinct_views")),
+        **run,
+    }
+    comparison = {}
+    for key, relion in RELION.items():
+        ours = figures.get(key)
+        if ours is None:
+            continue
+        better = ours <= relion if key in LOWER_IS_BETTER else ours >= relion
+        comparison[key] = {"cryoavg": ours, "relion": relion, "ratio": ours / relion if relion else None,
+                           "at_least_as_good": bool(better)}
+    return {"algorithm": args.algorithm, "iterations": iterations, "figures": figures,
+            "vs_relion": comparison, "metrics2d": metrics}
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="part", required=True)
+    estep = sub.add_parser("estep")
+    estep.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    estep.add_argument("--box", type=int, default=64)
+    estep.add_argument("--classes", type=int, default=20)
+    estep.add_argument("--batch", type=int, default=256)
+    estep.add_argument("--psi-step", type=float, default=6.0)
+    estep.add_argument("--offset-range", type=float, default=5.0)
+    estep.add_argument("--offset-step", type=float, default=1.0)
+    estep.add_argument("--pixel-size", type=float, default=5.0)
+    estep.add_argument("--current-size", type=int, default=0)
+    estep.add_argument("--coarse-size", type=int, default=0)
+    case = sub.add_parser("case")
+    case.add_argument("--algorithm", choices=["vdam", "em"], default="vdam")
+    case.add_argument("--iterations", type=int, default=0)
+    case.add_argument("--seed", type=int, default=1)
+    case.add_argument("--case-dir", default="bench_out/ribosome70S")
+    case.add_argument("--run-dir", default=None)
+    case.add_argument("--reuse", action="store_true")
+    for p in (estep, case):
+        p.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    result = benchmark_estep(args) if args.part == "estep" else benchmark_case(args)
+    text = json.dumps(result, indent=2, default=float)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
