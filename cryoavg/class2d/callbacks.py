@@ -107,7 +107,7 @@ class RelionWriter(Checkpoint):
             if self.write_tensorboard and trainer.logger is not None:
                 self._log_images(trainer, pl_module, iteration)
         if self.checkpoint_path is not None and iteration > 0:
-            trainer.save_checkpoint(self.checkpoint_path)
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
         trainer.strategy.barrier("relion_writer")
         self.written.append(iteration)
 
@@ -132,6 +132,10 @@ class RelionWriter(Checkpoint):
         counts = np.bincount(
             np.asarray(table.micrograph_group_index), minlength=info.n_groups
         )
+        report = pl_module.last_report
+        unmasked = None
+        if iteration > 0 and report is not None and not settings.is_vdam:
+            unmasked = report.unmasked_class_images
         write_iteration(
             self.root,
             iteration,
@@ -150,6 +154,7 @@ class RelionWriter(Checkpoint):
             changes=changes,
             subset_size=pl_module.subset_size(iteration) if iteration > 0 else None,
             input_columns=list(table.particles.columns),
+            unmasked_class_images=unmasked,
         )
         log.info("iteration %03d written: %s_it%03d_*", iteration, self.root, iteration)
 

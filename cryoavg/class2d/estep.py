@@ -332,16 +332,44 @@ def _coarse_cross_terms(
     torch.Tensor
         ``(b, t, k, r)`` real (the pose-dependent part of diff2).
     """
-    b, p = weighted_images.shape
-    k, r, _ = references.shape
-    t = phases.shape[0]
+    k, r, p = references.shape
     ref_power = (references.real**2 + references.imag**2).reshape(k * r, p)  # (k·r, p)
+    rhs = _interleaved(references).reshape(k * r, 2 * p)  # (k·r, 2p)
+    return _coarse_block(weighted_images, model_weight, rhs, ref_power, phases).view(
+        -1, phases.shape[0], k, r
+    )
+
+
+def _coarse_block(
+    weighted_images: torch.Tensor,
+    model_weight: torch.Tensor,
+    references_ri: torch.Tensor,
+    ref_power: torch.Tensor,
+    phases: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`_coarse_cross_terms` with prepared references.
+
+    Parameters
+    ----------
+    weighted_images, model_weight, phases
+        As :func:`_coarse_cross_terms`.
+    references_ri
+        ``(k·r, 2p)`` real, interleaved (re, im) references.
+    ref_power
+        ``(k·r, p)`` real ``|P|²``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(b, t, k·r)`` real.
+    """
+    b, p = weighted_images.shape
+    t = phases.shape[0]
     model_term = model_weight @ ref_power.T  # (b, k·r)
     shifted = weighted_images[:, None, :] * phases[None]  # (b, t, p)
-    lhs = _interleaved(shifted).reshape(b * t, 2 * p)  # (b·t, 2p)
-    rhs = _interleaved(references).reshape(k * r, 2 * p)  # (k·r, 2p)
-    cross = (lhs @ rhs.T).reshape(b, t, k * r)  # (b, t, k·r)
-    return (model_term[:, None, :] - cross).reshape(b, t, k, r)
+    lhs = torch.view_as_real(shifted).view(b * t, 2 * p)  # (b·t, 2p)
+    cross = (lhs @ references_ri.T).view(b, t, -1)  # (b, t, k·r)
+    return cross.neg_().add_(model_term[:, None, :])
 
 
 def squared_differences(
@@ -437,73 +465,225 @@ def _significant_dense(
 
 
 # --------------------------------------------------------------------------------------
+# per-iteration tables (memoised on the projector, which lives for one iteration)
+
+
+@dataclass
+class _CoarseTables:
+    """Coarse-pass tables: references and phases on the coarse pixels ``[1:n_coarse]``.
+
+    Attributes
+    ----------
+    references_ri
+        ``(k·r_c, 2p_c)`` real, interleaved (re, im) coarse references.
+    ref_power
+        ``(k·r_c, p_c)`` real ``|P|²``.
+    phases
+        ``(t_c, p_c)`` complex phases of the coarse translations.
+    """
+
+    references_ri: torch.Tensor
+    ref_power: torch.Tensor
+    phases: torch.Tensor
+
+
+@dataclass
+class _FineTables:
+    """Fine-pass and statistics tables on all pixels of the current size (``p``).
+
+    Attributes
+    ----------
+    references
+        ``(k·r_f, p)`` complex ``P``; row ``k·r_f + ψ_fine`` (= ``2·(k·r_c + r) + m``).
+    ref_power
+        ``(k·r_f, p)`` real ``|P|²``.
+    fine_q
+        ``(k·r_c, 8, 2p)`` real, interleaved ``P_{k,2r+m}·conj(φ_δj)`` (row ``4m + j``),
+        ``δ_j`` the sub-offset of fine translation ``4·t + j`` from its coarse parent:
+        ``Re Σ conj(P)·Y·φ_{t_f} = fine_q · interleaved(Y·φ_{t_c})``.
+    trans_phases
+        ``(t_c, p)`` complex phases of the coarse translations.
+    fine_phases_ri
+        ``(t_f, 2p)`` real, interleaved phases of the fine translations.
+    """
+
+    references: torch.Tensor
+    ref_power: torch.Tensor
+    fine_q: torch.Tensor
+    trans_phases: torch.Tensor
+    fine_phases_ri: torch.Tensor
+
+
+def _coarse_tables(
+    projector: ClassProjector,
+    psi_grid: PsiGrid,
+    translation_grid: TranslationGrid,
+    pixel_set: PixelSet,
+    n_coarse: int,
+    cdtype: torch.dtype,
+    max_chunk_bytes: int,
+) -> _CoarseTables:
+    device = projector.data.device
+
+    def build() -> _CoarseTables:
+        refs = projector.rotated_references(
+            psi_grid.coarse_degrees.to(device),
+            pixel_set,
+            start=1,
+            stop=n_coarse,
+            max_chunk_bytes=max_chunk_bytes,
+        ).to(cdtype)  # (k, r_c, p_c)
+        k, r, p = refs.shape
+        return _CoarseTables(
+            references_ri=_interleaved(refs).reshape(k * r, 2 * p),
+            ref_power=(refs.real**2 + refs.imag**2).reshape(k * r, p),
+            phases=phase_shifts(
+                translation_grid.coarse_px.to(device),
+                pixel_set,
+                start=1,
+                stop=n_coarse,
+                dtype=cdtype,
+            ),
+        )
+
+    return projector.memoised(
+        "estep-coarse",
+        (psi_grid, translation_grid, pixel_set),
+        (n_coarse, cdtype),
+        build,
+    )
+
+
+def _fine_tables(
+    projector: ClassProjector,
+    psi_grid: PsiGrid,
+    translation_grid: TranslationGrid,
+    pixel_set: PixelSet,
+    cdtype: torch.dtype,
+    max_chunk_bytes: int,
+) -> _FineTables:
+    device = projector.data.device
+
+    def build() -> _FineTables:
+        refs = projector.rotated_references(
+            psi_grid.fine_degrees.to(device), pixel_set, max_chunk_bytes=max_chunk_bytes
+        ).to(cdtype)  # (k, r_f, p)
+        k, r_f, p = refs.shape
+        trans_c = translation_grid.coarse_px.to(device)
+        trans_f = translation_grid.fine_px.to(device)
+        t_c = trans_c.shape[0]
+        sub = trans_f.view(t_c, 4, 2) - trans_c[:, None, :]  # (t_c, 4, 2)
+        if t_c and float((sub - sub[:1]).abs().max()) > 1e-9:
+            raise ValueError("fine translations must be coarse ones plus fixed offsets")
+        delta = phase_shifts(sub[0], pixel_set, dtype=cdtype)  # (4, p)
+        q = refs.view(k, r_f // 2, 2, 1, p) * delta.conj().view(1, 1, 1, 4, p)
+        fine = phase_shifts(trans_f, pixel_set, dtype=cdtype)  # (t_f, p)
+        return _FineTables(
+            references=refs.reshape(k * r_f, p),
+            ref_power=(refs.real**2 + refs.imag**2).reshape(k * r_f, p),
+            fine_q=torch.view_as_real(q).reshape(k * (r_f // 2), 8, 2 * p),
+            trans_phases=phase_shifts(trans_c, pixel_set, dtype=cdtype),
+            fine_phases_ri=torch.view_as_real(fine).reshape(-1, 2 * p),
+        )
+
+    return projector.memoised(
+        "estep-fine", (psi_grid, translation_grid, pixel_set), (cdtype,), build
+    )
+
+
+# --------------------------------------------------------------------------------------
 # fine pass helpers
 
 
-def _fine_diff2(
-    pair_refs: torch.Tensor,
+def _unique_inverse(key: torch.Tensor, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(key, return_inverse=True)`` for keys in ``[0, n_keys)``.
+
+    Uses a dense marker (no sort) when the key space is not much larger than the
+    number of keys.
+    """
+    if n_keys > 8 * key.numel() + (1 << 16):
+        return torch.unique(key, return_inverse=True)
+    mark = torch.zeros(n_keys, dtype=torch.bool, device=key.device)
+    mark[key] = True
+    keys = torch.nonzero(mark).squeeze(-1)
+    position = torch.cumsum(mark, 0) - 1
+    return keys, position[key]
+
+
+def _fine_cross(
+    fine_q: torch.Tensor,
     weighted_images: torch.Tensor,
-    model_weight: torch.Tensor,
-    fine_phases: torch.Tensor,
+    trans_phases: torch.Tensor,
     row: torch.Tensor,
     pair: torch.Tensor,
     trans_coarse: torch.Tensor,
+    particle_offsets: list[int],
     max_chunk_bytes: int,
 ) -> torch.Tensor:
-    """Pose-dependent fine diff2 of the 8 fine samples of each coarse sample.
+    """``Re Σ_p conj(P)·Y·φ`` of the 8 fine samples of each coarse sample, ``n`` Y's.
 
-    Evaluates ``Σ_p a·|P|² − Re Σ_p conj(P)·Y·φ`` for ``n`` weightings ``(Y, a)`` at
-    once (the likelihood one and an un-weighted one for the residual power). The
-    shifted images ``Y·φ`` are formed once per distinct (particle, coarse translation)
-    in each chunk, then gathered into batched ``(2, 2p) × (2p, 4n)`` products.
+    Uses ``φ_{t_f} = φ_{t_c}·φ_δ``: per (class, coarse ψ) pair ``u`` one GEMM
+    ``(rows_u, 2p) × (2p, 8)`` of the shifted images ``Y·φ_{t_c}`` of its samples with
+    the pair's table ``fine_q[u]`` (see :class:`_FineTables`).
 
     Parameters
     ----------
-    pair_refs
-        ``(u, 2, p)`` complex fine references of the unique (class, coarse ψ) pairs.
+    fine_q
+        ``(k·r_c, 8, 2p)`` real.
     weighted_images
-        ``(n, b, p)`` complex, e.g. ``s·CTF/σ²·X`` (zero on excluded pixels).
-    model_weight
-        ``(n, b, p)`` real, e.g. ``s²CTF²/(2σ²)`` (zero on excluded pixels).
-    fine_phases
-        ``(t_c, 4, p)`` complex phases of the fine translations.
+        ``(n, b, p)`` complex.
+    trans_phases
+        ``(t_c, p)`` complex.
     row, pair, trans_coarse
-        ``(e,)`` particle row, pair index and coarse translation of each coarse sample.
+        ``(e,)`` particle row (ascending), pair ``k·r_c + r`` and coarse translation.
+    particle_offsets
+        ``(b + 1,)`` first entry of each particle (``row`` is sorted).
     max_chunk_bytes
-        Memory bound (chunks over ``e``).
+        Bound on the shifted images held at once (chunks over particles).
 
     Returns
     -------
     torch.Tensor
-        ``(n, e, 2, 4)`` real: ``[weighting, sample, fine ψ m, fine t 2·m_y + m_x]``.
+        ``(e, n, 8)`` real, last axis ``4·m + j`` (fine ψ ``m``, fine translation ``j``).
     """
-    n_w, _, p = weighted_images.shape
+    n_w, b, p = weighted_images.shape
+    t_c = trans_phases.shape[0]
     e = row.shape[0]
-    t_c = fine_phases.shape[0]
-    refs_ri = _interleaved(pair_refs)  # (u, 2, 2p) real
-    ref_power = pair_refs.real**2 + pair_refs.imag**2  # (u, 2, p)
-    a_rows = model_weight.permute(1, 2, 0).contiguous()  # (b, p, n)
-    # process samples grouped by (particle, coarse translation)
-    key = row * t_c + trans_coarse  # (e,)
-    order = torch.argsort(key, stable=True)
+    n_pairs = fine_q.shape[0]
     elem = weighted_images.real.element_size()
-    step = _rows_per_chunk(p * elem * (12 + 20 * n_w), max_chunk_bytes, e)
-    out = weighted_images.real.new_empty((n_w, e, 2, 4))
-    for i in range(0, e, step):
-        idx = order[i : i + step]  # (c,)
-        c = idx.shape[0]
-        keys, inverse = torch.unique(key[idx], return_inverse=True)  # (v,), (c,)
-        v = keys.shape[0]
-        y = weighted_images[:, keys // t_c]  # (n, v, p)
-        z = y[:, :, None, :] * fine_phases[keys % t_c][None]  # (n, v, 4, p)
-        z_ri = _interleaved(z.transpose(0, 1)).reshape(v, n_w * 4, 2 * p)  # (v, 4n, 2p)
-        lhs = refs_ri.index_select(0, pair[idx])  # (c, 2, 2p)
-        rhs = z_ri.index_select(0, inverse).transpose(1, 2)  # (c, 2p, 4n)
-        cross = torch.bmm(lhs, rhs).reshape(c, 2, n_w, 4)  # (c, 2, n, 4)
-        power = torch.bmm(
-            ref_power.index_select(0, pair[idx]), a_rows.index_select(0, row[idx])
-        )  # (c, 2, n)
-        out[:, idx] = (power[..., None] - cross).permute(2, 0, 1, 3)  # (n, c, 2, 4)
+    out = weighted_images.real.new_empty((e, n_w, 8))
+    per_particle = t_c * n_w * 2 * p * elem
+    step = _rows_per_chunk(per_particle, max_chunk_bytes, b)
+    for i0 in range(0, b, step):
+        i1 = min(b, i0 + step)
+        e0, e1 = particle_offsets[i0], particle_offsets[i1]
+        if e1 == e0:
+            continue
+        zkey = (row[e0:e1] - i0) * t_c + trans_coarse[e0:e1]
+        used, zpos = _unique_inverse(zkey, (i1 - i0) * t_c)  # (v,), (c,)
+        z = (
+            weighted_images[:, i0 + used // t_c]
+            * trans_phases[used % t_c][None]  # (n, v, p)
+        )
+        z_ri = torch.view_as_real(z.transpose(0, 1).contiguous()).view(
+            -1, n_w, 2 * p
+        )  # (v, n, 2p)
+        pr = pair[e0:e1]
+        perm = torch.argsort(pr, stable=True)
+        counts = torch.bincount(pr, minlength=n_pairs)
+        nonzero = torch.nonzero(counts).squeeze(-1)
+        zsorted = zpos[perm]
+        res = out.new_empty((e1 - e0, n_w, 8))
+        start = 0
+        for u, c in zip(nonzero.tolist(), counts[nonzero].tolist(), strict=True):
+            g = z_ri.index_select(0, zsorted[start : start + c])  # (c, n, 2p)
+            torch.mm(
+                g.view(c * n_w, 2 * p),
+                fine_q[u].T,
+                out=res[start : start + c].view(c * n_w, 8),
+            )
+            start += c
+        out[e0:e1][perm] = res
     return out
 
 
@@ -516,6 +696,7 @@ def _group_by_pose(
     n_classes: int,
     n_psi: int,
     n_trans: int,
+    n_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group sparse samples by (particle, class, ψ), translation weights as dense rows.
 
@@ -527,16 +708,18 @@ def _group_by_pose(
         ``(e,)`` sample weights.
     n_classes, n_psi, n_trans
         Sizes of the class, ψ and translation axes.
+    n_rows
+        Number of particles (rows).
 
     Returns
     -------
     row, cls, psi : torch.Tensor
-        ``(n,)`` int64 coordinates of the distinct (particle, class, ψ) groups.
+        ``(n,)`` int64 coordinates of the distinct (particle, class, ψ) groups, sorted.
     trans_weight : torch.Tensor
         ``(n, t)`` weight of each translation in each group (dtype of ``weight``).
     """
     key = (particle_row * n_classes + class_index) * n_psi + psi_index  # (e,)
-    keys, inverse = torch.unique(key, return_inverse=True)  # (n,), (e,)
+    keys, inverse = _unique_inverse(key, n_rows * n_classes * n_psi)  # (n,), (e,)
     trans_weight = weight.new_zeros((keys.shape[0], n_trans))
     trans_weight.index_put_((inverse, trans_index), weight, accumulate=True)
     return (
@@ -545,14 +728,6 @@ def _group_by_pose(
         keys % n_psi,
         trans_weight,
     )
-
-
-def _weighted_phase_sum(
-    trans_weight: torch.Tensor, phases: torch.Tensor
-) -> torch.Tensor:
-    """``Σ_t w_t·φ_t`` as a real GEMM pair: ``(c, t) × (t, p)`` → ``(c, p)`` complex."""
-    w = trans_weight.to(phases.real.dtype)
-    return torch.complex(w @ phases.real, w @ phases.imag)
 
 
 # --------------------------------------------------------------------------------------
@@ -577,6 +752,9 @@ def expectation_step(
     max_chunk_bytes: int = 1 << 28,
 ) -> EStepResult:
     """Two-pass adaptive E-step of a mini-batch (spec §A.6.4, §A.6.5).
+
+    Reference tables and phases that are the same for every chunk of an iteration are
+    memoised on ``projector`` (keyed by the identity of the grids and the pixel set).
 
     Parameters
     ----------
@@ -623,22 +801,28 @@ def expectation_step(
         max_significant = 5 * k
     n_cur = pixel_set.n_pixels
     n_coarse = pixel_set.count_within(min(int(coarse_size), pixel_set.image_size))
-    psi_c = psi_grid.coarse_degrees.to(device)
     psi_f = psi_grid.fine_degrees.to(device)
     trans_c = translation_grid.coarse_px.to(device)
     trans_f = translation_grid.fine_px.to(device)
-    r_c, t_c = psi_c.shape[0], trans_c.shape[0]
+    r_c, t_c = psi_grid.n_coarse, trans_c.shape[0]
     sigma2_off = float(sigma2_offset_angstrom2)
+    coarse = _coarse_tables(
+        projector,
+        psi_grid,
+        translation_grid,
+        pixel_set,
+        n_coarse,
+        cdtype,
+        max_chunk_bytes,
+    )
+    fine = _fine_tables(
+        projector, psi_grid, translation_grid, pixel_set, cdtype, max_chunk_bytes
+    )
 
     x = batch.images_masked_rfft  # (b, p)
     s = batch.scale.to(rdtype)[:, None]  # (b, 1)
     y = x * (s * batch.ctf / batch.sigma2)  # (b, p) complex
     a = s * s * batch.ctf**2 / (2.0 * batch.sigma2)  # (b, p) real
-    # DC excluded from the likelihood
-    y_lik = y.clone()
-    y_lik[:, 0] = 0
-    a_lik = a.clone()
-    a_lik[:, 0] = 0
 
     # ---- priors: (k,), (b, t_c, k)
     log_pi = _log_class_prior(class_prior.to(device))
@@ -654,111 +838,128 @@ def expectation_step(
     all_classes_ok = bool(class_ok.all())
 
     # ---- pass 1: coarse
-    refs_c = projector.rotated_references(
-        psi_c, pixel_set, start=1, stop=n_coarse, max_chunk_bytes=max_chunk_bytes
-    ).to(cdtype)  # (k, r_c, p_c)
-    phases_c = phase_shifts(
-        trans_c, pixel_set, start=1, stop=n_coarse, dtype=cdtype
-    )  # (t_c, p_c)
     p_c = n_coarse - 1
     elem = batch.ctf.element_size()
-    step = _rows_per_chunk(t_c * (4 * p_c + 3 * k * r_c) * elem, max_chunk_bytes, b)
-    sel_rows, sel_flat, n_sig = [], [], []
+    step = _rows_per_chunk(
+        t_c * (4 * p_c + 3 * k * r_c) * elem, min(max_chunk_bytes, 1 << 25), b
+    )
+    orders, counts = [], []
     inf = torch.tensor(math.inf, dtype=rdtype, device=device)
     for i in range(0, b, step):
-        d = _coarse_cross_terms(
-            y[i : i + step, 1:n_coarse], a[i : i + step, 1:n_coarse], refs_c, phases_c
-        )
+        d = _coarse_block(
+            y[i : i + step, 1:n_coarse],
+            a[i : i + step, 1:n_coarse],
+            coarse.references_ri,
+            coarse.ref_power,
+            coarse.phases,
+        ).view(-1, t_c, k, r_c)
         if not all_classes_ok:
             d = torch.where(class_ok.view(1, 1, k, 1), d, inf)  # (c, t, k, r)
         c = d.shape[0]
-        delta = d - d.reshape(c, -1).amin(1).view(c, 1, 1, 1)
+        delta = d.sub_(d.reshape(c, -1).amin(1).view(c, 1, 1, 1))
         lw = log_prior[i : i + c, :, :, None].to(rdtype) - delta  # (c, t, k, r)
-        lw = lw.masked_fill(delta > _DROP, -math.inf).reshape(c, -1)  # (c, t·k·r)
+        lw = lw.masked_fill_(delta > _DROP, -math.inf).reshape(c, -1)  # (c, t·k·r)
         order, count = _significant_dense(lw, adaptive_fraction, max_significant)
-        rows, cols = torch.nonzero(
-            torch.arange(order.shape[1], device=device)[None] < count[:, None],
-            as_tuple=True,
-        )
-        sel_rows.append(rows + i)
-        sel_flat.append(order[rows, cols])
-        n_sig.append(count)
-    row = torch.cat(sel_rows)  # (e,)
-    flat = torch.cat(sel_flat)  # (e,) index into (t_c, k, r_c)
-    n_significant = torch.cat(n_sig)  # (b,)
+        orders.append(order[:, : int(count.max())])
+        counts.append(count)
+    n_significant = torch.cat(counts)  # (b,)
+    m_max = max(o.shape[1] for o in orders)
+    order_c = torch.cat(
+        [torch.nn.functional.pad(o, (0, m_max - o.shape[1])) for o in orders]
+    )  # (b, M) flat index into (t_c, k, r_c), padded
+    valid = torch.arange(m_max, device=device)[None] < n_significant[:, None]  # (b, M)
+    row, col = torch.nonzero(valid, as_tuple=True)  # (e,) coarse samples, by particle
+    flat = order_c[row, col]
     tc = flat // (k * r_c)
     kc = (flat // r_c) % k
     rc = flat % r_c
-
-    # ---- pass 2: fine samples of the significant coarse samples
-    pair_key, pair = torch.unique(kc * r_c + rc, return_inverse=True)  # (u,), (e,)
-    pair_class = (pair_key // r_c).repeat_interleave(2)  # (2u,)
-    pair_psi = (2 * (pair_key % r_c)[:, None] + torch.arange(2, device=device)).reshape(
-        -1
-    )  # (2u,)
-    pair_refs = projector.sample(
-        pair_class, psi_f[pair_psi], pixel_set, max_chunk_bytes=max_chunk_bytes
-    )
-    pair_refs = pair_refs.to(cdtype).reshape(-1, 2, n_cur)  # (u, 2, p)
-    phases_f = phase_shifts(trans_f, pixel_set, dtype=cdtype).reshape(
-        t_c, 4, n_cur
-    )  # (t_c, 4, p)
-    d_fine = _fine_diff2(
-        pair_refs, y_lik[None], a_lik[None], phases_f, row, pair, tc, max_chunk_bytes
-    )[0]  # (e, 2, 4)
     e = row.shape[0]
-    # flatten fine samples: (e, 2, 4) -> (e·8,)
-    f_row = row.repeat_interleave(8)
-    f_class = kc.repeat_interleave(8)
-    f_psi = (
-        (2 * rc[:, None, None] + torch.arange(2, device=device)[None, :, None])
-        .expand(e, 2, 4)
-        .reshape(-1)
-    )
-    f_trans = (
-        (4 * tc[:, None, None] + torch.arange(4, device=device)[None, None, :])
-        .expand(e, 2, 4)
-        .reshape(-1)
-    )
-    d_fine = d_fine.reshape(-1).to(torch.float64)
-    min_pose = _segment_min(d_fine, f_row, b)  # (b,)
-    delta = d_fine - min_pose[f_row]
-    f_log_prior = log_prior[row, tc, kc].repeat_interleave(8)  # (e·8,)
-    lw = (f_log_prior - delta).masked_fill(delta > _DROP, -math.inf)
-    lmax = _segment_max(lw, f_row, b)
-    log_s = lmax + torch.log(
-        _segment_sum(torch.exp(lw - lmax[f_row]), f_row, b)
-    )  # (b,)
-    w = torch.exp(lw - log_s[f_row])  # (e·8,) normalised by S
+    offsets = [0, *torch.cumsum(n_significant, 0).tolist()]
 
-    # second significance threshold per particle (ragged): sort by (row, −w)
-    order = torch.sort(w, descending=True, stable=True).indices
-    order = order[torch.sort(f_row[order], stable=True).indices]
-    w_sorted = w[order]
-    r_sorted = f_row[order]
-    n_per = torch.bincount(f_row, minlength=b)  # (b,)
-    start = torch.cumsum(n_per, 0) - n_per
-    rank = torch.arange(w.shape[0], device=device) - start[r_sorted]
-    cum_all = torch.cumsum(w_sorted, 0)
-    cum = cum_all - (cum_all - w_sorted)[start][r_sorted]  # within-segment cumsum
-    total = _segment_sum(w_sorted, r_sorted, b)
-    below = (cum <= adaptive_fraction * total[r_sorted]).to(torch.long)
-    count = 1 + _segment_sum(below, r_sorted, b)
-    count = torch.minimum(
-        count, _segment_sum((w_sorted > 0).to(torch.long), r_sorted, b)
-    ).clamp(min=1)
-    keep = order[
-        rank < count[r_sorted]
-    ]  # contributing fine samples, sorted by (row, −w)
-    samples = SignificantSamples(
-        particle_row=f_row[keep],
-        class_index=f_class[keep],
-        psi_fine_index=f_psi[keep],
-        trans_fine_index=f_trans[keep],
-        weight=w[keep].to(rdtype),
+    # ---- pass 2: the 8 fine samples of each significant coarse sample
+    s_ctf = s * batch.ctf  # (b, p)
+    y_lik = y.clone()
+    y_lik[:, 0] = 0  # DC excluded from the likelihood
+    a_lik = a.clone()
+    a_lik[:, 0] = 0
+    y_norm = x * s_ctf  # (b, p) for the norm residual (DC included)
+    cross = _fine_cross(
+        fine.fine_q,
+        torch.stack([y_lik, y_norm]),
+        fine.trans_phases,
+        row,
+        kc * r_c + rc,
+        tc,
+        offsets,
+        max_chunk_bytes,
+    )  # (e, 2, 8)
+    # Σ_p a·|P|² for the fine ψ of the pairs used: (2, b, 2u)
+    pairs_used, pair_pos = _unique_inverse(kc * r_c + rc, k * r_c)  # (u,), (e,)
+    ref_rows = (2 * pairs_used[:, None] + torch.arange(2, device=device)).reshape(-1)
+    power = (
+        torch.stack([a_lik, s_ctf * s_ctf]).reshape(2 * b, n_cur)
+        @ fine.ref_power.index_select(0, ref_rows).T
+    ).view(2, b, -1, 2)  # (2, b, u, 2)
+    power_e = power[:, row, pair_pos].to(torch.float64)  # (2, e, 2)
+    cross = cross.to(torch.float64)
+    d_fine = power_e[0][:, :, None] - cross[:, 0].view(e, 2, 4)  # (e, 2, 4)
+
+    # dense per-particle layout (b, M·8); padding has diff2 = +inf, weight 0
+    n8 = 8 * m_max
+    dd = torch.full((b, m_max, 8), math.inf, dtype=torch.float64, device=device)
+    dd[row, col] = d_fine.reshape(e, 8)
+    min_pose = dd.view(b, -1).amin(1)  # (b,)
+    delta = dd.sub_(min_pose[:, None, None])
+    lp = torch.full((b, m_max), -math.inf, dtype=torch.float64, device=device)
+    lp[row, col] = log_prior[row, tc, kc]
+    lw = (lp[:, :, None] - delta).masked_fill_(delta > _DROP, -math.inf).view(b, n8)
+    lmax = lw.amax(1)
+    log_s = lmax + torch.log(torch.exp(lw - lmax[:, None]).sum(1))  # (b,)
+    w = torch.exp(lw - log_s[:, None])  # (b, M·8) normalised by S
+
+    # second significance threshold per particle (no cap): sort by −w, stable
+    valid8 = valid.repeat_interleave(8, dim=1)  # (b, M·8)
+    w_sorted, order = torch.sort(
+        torch.where(valid8, w, -1.0), dim=1, descending=True, stable=True
     )
-    best = order[start]  # (b,) first of each segment = max weight
-    best_offset = batch.offset_px.to(torch.float64) + trans_f[f_trans[best]]
+    w_pos = w_sorted.clamp(min=0.0)
+    cum = torch.cumsum(w_pos, 1)
+    total = w_pos.sum(1)
+    below = (cum <= adaptive_fraction * total[:, None]) & (w_sorted >= 0)
+    count = 1 + below.sum(1)
+    count = torch.minimum(count, (w_sorted > 0).sum(1)).clamp(min=1)
+    keep_sorted = torch.arange(n8, device=device)[None] < count[:, None]  # (b, M·8)
+    keep_row, keep_pos = torch.nonzero(keep_sorted, as_tuple=True)
+    keep_idx = order[keep_row, keep_pos]  # flat (M, 8) index, sorted by (row, −w)
+    kc_pad = torch.zeros((b, m_max), dtype=torch.long, device=device)
+    rc_pad = torch.zeros_like(kc_pad)
+    tc_pad = torch.zeros_like(kc_pad)
+    kc_pad[row, col] = kc
+    rc_pad[row, col] = rc
+    tc_pad[row, col] = tc
+
+    def coordinates(
+        rows: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        j = idx // 8
+        return (
+            kc_pad[rows, j],
+            2 * rc_pad[rows, j] + (idx % 8) // 4,
+            4 * tc_pad[rows, j] + idx % 4,
+        )
+
+    k_class, k_psi, k_trans = coordinates(keep_row, keep_idx)
+    w_keep = w_sorted[keep_row, keep_pos]
+    samples = SignificantSamples(
+        particle_row=keep_row,
+        class_index=k_class,
+        psi_fine_index=k_psi,
+        trans_fine_index=k_trans,
+        weight=w_keep.to(rdtype),
+    )
+    rows_b = torch.arange(b, device=device)
+    best_class, best_psi, best_trans = coordinates(rows_b, order[:, 0])
+    best_offset = batch.offset_px.to(torch.float64) + trans_f[best_trans]
 
     # ---- per-particle outputs
     const = (
@@ -774,48 +975,29 @@ def expectation_step(
     log_likelihood = log_s - (min_diff2 + 0.5 * beyond) - log_two_pi_sigma2
 
     # norm correction: E = Σ w Σ_p |s·CTF·P − X·φ|² (incl. DC) + power beyond
-    k_row = f_row[keep]
-    wk = w[keep]
-    rb, rk, rpsi, wt = _group_by_pose(
-        k_row,
-        f_class[keep],
-        f_psi[keep],
-        f_trans[keep],
-        wk.to(rdtype),
-        k,
-        2 * r_c,
-        4 * t_c,
-    )
-    ref_rows = 2 * torch.searchsorted(pair_key, rk * r_c + rpsi // 2) + rpsi % 2
-    flat_refs = pair_refs.reshape(-1, n_cur)  # (2u, p)
-    phases_flat = phases_f.reshape(-1, n_cur)  # (t_f, p)
-    resid = torch.zeros(b, dtype=torch.float64, device=device)
-    step = _rows_per_chunk(n_cur * 16 * 8, max_chunk_bytes, rb.shape[0])
-    for i in range(0, rb.shape[0], step):
-        sl = slice(i, i + step)
-        rows_i = rb[sl]
-        shift_sum = _weighted_phase_sum(wt[sl], phases_flat)  # (c, p) Σ_t w·φ_t
-        model = (s[rows_i] * batch.ctf[rows_i]) * flat_refs[ref_rows[sl]]  # (c, p)
-        xi = x[rows_i]
-        w_row = wt[sl].sum(1)  # (c,)
-        power = (model.real**2 + model.imag**2 + xi.real**2 + xi.imag**2).sum(-1)
-        cross = (model.conj() * xi * shift_sum).real.sum(-1)  # (c,)
-        resid.index_add_(0, rows_i, (w_row * power - 2.0 * cross).to(torch.float64))
+    x_power = (x.real**2 + x.imag**2).sum(-1).to(torch.float64)  # (b,)
+    resid_e = (
+        power_e[1][:, :, None] + x_power[row, None, None] - 2.0 * cross[:, 1].view(e, 2, 4)
+    )  # (e, 2, 4)
+    rr = torch.zeros((b, m_max, 8), dtype=torch.float64, device=device)
+    rr[row, col] = resid_e.reshape(e, 8)
+    resid = (w_keep * rr.view(b, n8)[keep_row, keep_idx]).new_zeros(b)
+    resid.index_add_(0, keep_row, w_keep * rr.view(b, n8)[keep_row, keep_idx])
     resid = resid.clamp(min=0.0)
     norm_corr = torch.sqrt(2.0 * (resid + beyond))
     if batch.norm_correction is not None:
         norm_corr = norm_corr * batch.norm_correction.to(torch.float64) / avg_norm
 
     return EStepResult(
-        best_class=f_class[best],
-        best_psi_degrees=psi_f[f_psi[best]].to(rdtype),
+        best_class=best_class,
+        best_psi_degrees=psi_f[best_psi].to(rdtype),
         best_offset_px=best_offset.to(rdtype),
-        pmax=w[best].to(rdtype),
+        pmax=w_sorted[:, 0].to(rdtype),
         n_significant=n_significant,
         log_likelihood=log_likelihood,
         norm_correction=norm_corr.to(rdtype),
         min_diff2=min_diff2,
-        weight_sum=_segment_sum(wk, k_row, b),
+        weight_sum=w_keep.new_zeros(b).index_add_(0, keep_row, w_keep),
         samples=samples,
     )
 
@@ -855,6 +1037,10 @@ def accumulate_statistics(
       resp. ``s²`` as RELION), over pixels whose shell has ``SSNR_k > 3``;
     * class weights, offsets ``w·o_abs`` (Å), ``w·|μ_k − o_abs|²`` (Å²), norm, LL, Pmax.
 
+    Per (particle, class, ψ) group the translations are summed first
+    (``Σ_t w_t·φ_t``, a GEMM); the pose-independent parts (``Σ w·|X|²``,
+    ``P·Σ w·(s·CTF)²/σ²``) are added once per particle resp. accumulator row.
+
     Parameters
     ----------
     batch, result
@@ -888,7 +1074,7 @@ def accumulate_statistics(
     b = batch.n_particles
     k = projector.n_classes
     n_cur = pixel_set.n_pixels
-    n_shells = stats.noise_power.shape[1]
+    n_og, n_shells = stats.noise_power.shape
     sm = result.samples
     w = sm.weight.to(torch.float64)
     rows = sm.particle_row
@@ -896,6 +1082,9 @@ def accumulate_statistics(
     psi_f = psi_grid.fine_degrees.to(device)
     r_f = psi_f.shape[0]
     acc = stats.class_weight.dtype
+    fine = _fine_tables(
+        projector, psi_grid, translation_grid, pixel_set, cdtype, max_chunk_bytes
+    )
 
     # ---- class, offsets, scalars
     stats.class_weight.index_add_(0, sm.class_index, w.to(acc))
@@ -929,64 +1118,79 @@ def accumulate_statistics(
         k,
         r_f,
         t_f,
+        b,
     )  # (n,) ×3, (n, t_f)
+    n_rows = rb.shape[0]
+    w_row = wt.sum(1)  # (n,) Σ_t w
+    ref_row = rk * r_f + rpsi  # (n,) row of the reference table
     # accumulator rows: distinct (half, class, ψ)
     half = batch.index.to(device)[rb] % 2
-    keys, slot = torch.unique((half * k + rk) * r_f + rpsi, return_inverse=True)  # (u,)
+    keys, slot = _unique_inverse((half * k + rk) * r_f + rpsi, 2 * k * r_f)  # (u,)
     u = keys.shape[0]
     key_class = (keys // r_f) % k
     key_psi = keys % r_f
-    refs_u = projector.sample(
-        key_class, psi_f[key_psi], pixel_set, max_chunk_bytes=max_chunk_bytes
-    ).to(cdtype)  # (u, p)
     data_rows = torch.zeros((u, n_cur), dtype=cdtype, device=device)
     weight_rows = torch.zeros((u, n_cur), dtype=rdtype, device=device)
     ires = pixel_set.ires.to(device)  # (p,)
-    noise_flat = torch.zeros(
-        stats.noise_power.numel(), dtype=torch.float64, device=device
-    )
-    n_rows = rb.shape[0]
-    xa = torch.zeros(n_rows, dtype=torch.float64, device=device)
-    aa = torch.zeros(n_rows, dtype=torch.float64, device=device)
     if ssnr is not None:
         good_shell = ssnr.to(device)[:, : int(ires.max()) + 1] > 3.0  # (k, f')
-    scale = batch.scale.to(rdtype)
-    phases_f = phase_shifts(trans_f, pixel_set, dtype=cdtype)  # (t_f, p)
-    step = _rows_per_chunk(16 * n_cur * 16, max_chunk_bytes, n_rows)
+        good = good_shell[:, ires].to(rdtype)  # (k, p)
+    else:
+        good = torch.ones((k, n_cur), dtype=rdtype, device=device)
+    # per-particle factors (b, p)
+    s_ctf = batch.scale.to(rdtype)[:, None] * batch.ctf  # s·CTF
+    ctf_over_sigma2 = s_ctf / batch.sigma2
+    recon = batch.images_unmasked_rfft * ctf_over_sigma2  # s·CTF/σ²·X_unmasked
+    recon_weight = s_ctf * ctf_over_sigma2  # (s·CTF)²/σ²
+    xm = batch.images_masked_rfft
+    noise_pixels = torch.zeros((n_og, n_cur), dtype=torch.float64, device=device)
+    xa = torch.empty(n_rows, dtype=rdtype, device=device)
+    aa = torch.empty(n_rows, dtype=rdtype, device=device)
+    # chunks of ~1 MiB per (c, p) complex temporary
+    step = _rows_per_chunk(n_cur * 8 * 16, min(max_chunk_bytes, 1 << 24), n_rows)
     for i in range(0, n_rows, step):
         sl = slice(i, i + step)
         rr = rb[sl]
-        w_row = wt[sl].sum(1)[:, None]  # (c, 1) Σ_t w
-        shift_sum = _weighted_phase_sum(wt[sl], phases_f)  # (c, p) Σ_t w·φ_t
-        ctf = batch.ctf[rr]  # (c, p)
-        sc = scale[rr][:, None]  # (c, 1)
-        model = sc * ctf * refs_u[slot[sl]]  # (c, p) s·CTF·P
-        xm = batch.images_masked_rfft[rr]  # (c, p)
-        model_power = model.real**2 + model.imag**2
-        # Σ_t w·Re(conj(s·CTF·P)·X·φ_t) and Σ_t w·|s·CTF·P − X·φ_t|² per pixel
-        cross = (model.conj() * xm * shift_sum).real  # (c, p)
-        power = w_row * (model_power + xm.real**2 + xm.imag**2) - 2.0 * cross
-        flat_idx = og[rr][:, None] * n_shells + ires[None, :]  # (c, p)
-        noise_flat.index_add_(
-            0, flat_idx.reshape(-1), power.reshape(-1).to(torch.float64)
+        c = rr.shape[0]
+        shift_sum = torch.view_as_complex(
+            (wt[sl] @ fine.fine_phases_ri).view(c, n_cur, 2)
+        )  # (c, p) Σ_t w·φ_t
+        ref = fine.references.index_select(0, ref_row[sl])  # (c, p) P
+        cb = s_ctf.index_select(0, rr)  # (c, p)
+        # Σ_t w·Re(conj(s·CTF·P)·X·φ_t) and Σ_t w·|s·CTF·P|² per pixel
+        cross = (ref.conj() * (xm.index_select(0, rr) * shift_sum)).real * cb
+        mpow = fine.ref_power.index_select(0, ref_row[sl]) * (cb * cb) * w_row[sl, None]
+        contrib = mpow - 2.0 * cross
+        if n_og == 1:
+            noise_pixels[0] += contrib.sum(0, dtype=torch.float64)
+        else:
+            noise_pixels.index_add_(0, og[rr], contrib.to(torch.float64))
+        scale_terms = torch.stack([cross, mpow]) @ good.T  # (2, c, k)
+        picked = scale_terms[:, torch.arange(c, device=device), rk[sl]]  # (2, c)
+        xa[sl] = picked[0]
+        aa[sl] = picked[1]
+        data_rows.index_add_(0, slot[sl], recon.index_select(0, rr) * shift_sum)
+        weight_rows.index_add_(
+            0, slot[sl], recon_weight.index_select(0, rr) * w_row[sl, None]
         )
-        mpow = w_row * model_power
-        if ssnr is not None:
-            mask = good_shell[rk[sl]][:, ires]  # (c, p)
-            cross = cross * mask
-            mpow = mpow * mask
-        s64 = sc[:, 0].to(torch.float64)
-        xa[sl] = cross.sum(-1).to(torch.float64) / s64
-        aa[sl] = mpow.sum(-1).to(torch.float64) / s64**2
-        xu = batch.images_unmasked_rfft[rr] * shift_sum  # (c, p) Σ_t w·X·φ_t
-        if mode == "vdam":
-            xu = xu - w_row * model
-        data_rows.index_add_(0, slot[sl], xu * (sc * ctf / batch.sigma2[rr]))
-        weight_rows.index_add_(0, slot[sl], w_row * (sc * ctf) ** 2 / batch.sigma2[rr])
-    stats.noise_power.add_(noise_flat.view_as(stats.noise_power).to(acc))
+    # pose-independent Σ w·|X_masked|² once per particle
+    w_particle = torch.zeros(b, dtype=torch.float64, device=device).index_add_(
+        0, rows, w
+    )
+    x_power = (xm.real**2 + xm.imag**2).to(torch.float64) * w_particle[:, None]
+    noise_pixels.index_add_(0, og, x_power)
+    noise_shells = torch.zeros(
+        (n_og, n_shells), dtype=torch.float64, device=device
+    ).index_add_(1, ires, noise_pixels)
+    stats.noise_power.add_(noise_shells.to(acc))
+    s64 = batch.scale.to(torch.float64)[rb]
     grp = batch.group.to(device)[rb]
-    stats.scale_xa.index_add_(0, grp, xa.to(acc))
-    stats.scale_aa.index_add_(0, grp, aa.to(acc))
+    stats.scale_xa.index_add_(0, grp, (xa.to(torch.float64) / s64).to(acc))
+    stats.scale_aa.index_add_(0, grp, (aa.to(torch.float64) / s64**2).to(acc))
+    if mode == "vdam":
+        # Σ w·(s·CTF/σ²)·s·CTF·P per row = P·Σ w·(s·CTF)²/σ²
+        key_ref = key_class * r_f + key_psi
+        data_rows -= fine.references.index_select(0, key_ref) * weight_rows
 
     # ---- insert (back-rotate) into the padded accumulators, both halves at once
     big = stats.data.shape[-2]
@@ -994,12 +1198,13 @@ def accumulate_statistics(
     projector.backproject_pairs(
         data_rows,
         key_class,
-        psi_f[key_psi],
+        psi_f,
         pixel_set,
         stats.data.view(2 * k, big, -1),
         weights=weight_rows,
         out_weight=stats.weight.view(2 * k, big, -1),
         target_index=target,
         max_chunk_bytes=max_chunk_bytes,
+        angle_index=key_psi,
     )
     return stats

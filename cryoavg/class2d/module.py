@@ -215,7 +215,7 @@ class Class2DModule(lightning.LightningModule):
             default = {"norm_correction": 1.0, "class_index": -1}.get(name, 0)
             values = torch.full((n,), default, dtype=dtype)
             if name in initial:
-                values = torch.as_tensor(np.asarray(initial[name]), dtype=dtype).clone()
+                values = torch.as_tensor(np.array(initial[name]), dtype=dtype)
             self.register_buffer(f"particle_{name}", values)
         self.register_buffer("initialised", torch.tensor(start_iteration > 0))
         self.register_buffer("perturbation", torch.tensor(0.0, dtype=torch.float64))
@@ -227,6 +227,9 @@ class Class2DModule(lightning.LightningModule):
         self._position: torch.Tensor | None = None
         self.last_report: StepReport | None = None
         self.last_changes: dict[str, float] = {}
+        #: where the particles came from (set by the job; stored in checkpoints so that
+        #: ``continue_from=last.ckpt`` finds them again)
+        self.run_info: dict = {}
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -251,6 +254,14 @@ class Class2DModule(lightning.LightningModule):
         return iteration % every == 0 or iteration == self.n_iterations
 
     # ------------------------------------------------------------------ Lightning hooks
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the settings and the particle source with the checkpoint."""
+        checkpoint["cryoavg_class2d"] = {
+            **self.run_info,
+            "settings": self.settings.as_dict(),
+            "completed_iteration": int(self.completed_iteration),
+        }
+
     def configure_optimizers(self):
         """The M-step optimizer of the chosen algorithm."""
         if self.settings.is_vdam:
@@ -521,8 +532,10 @@ class Class2DModule(lightning.LightningModule):
             "train/current_size": float(self.state.current_size),
             "train/changes_classes": self.last_changes.get("classes", 0.0),
         }
+        # every rank holds the same (all-reduced) values; sync_dist averages identical
+        # numbers and keeps Lightning from warning about unsynchronised epoch metrics
         self.log_dict(
-            metrics, on_step=False, on_epoch=True, prog_bar=False, rank_zero_only=True
+            metrics, on_step=False, on_epoch=True, prog_bar=False, sync_dist=True
         )
         self._stats = None
 

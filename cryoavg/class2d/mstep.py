@@ -510,7 +510,7 @@ def update_other_parameters(
     VDAM iteration over all particles). With Σw the total class weight:
 
     * avg_norm = Σ norm / Σw;
-    * s_g = XA_g / AA_g (groups with AA = 0 keep their value), then clamped to
+    * s_g = XA_g / AA_g (1 for groups with AA = 0, as RELION), then clamped to
       ``[median/5, 5·median]`` and divided by their particle-count-weighted mean;
       skipped for a single group;
     * π_k = w_k / Σw, renormalised to sum 1;
@@ -560,7 +560,11 @@ def update_other_parameters(
         xa = stats.scale_xa.to(dtype)
         aa = stats.scale_aa.to(dtype)
         has = aa > 0
-        estimate = torch.where(has, xa / torch.where(has, aa, 1.0), state.scale)
+        # RELION (maximizationOtherParameters): a group without reference power
+        # in this batch contributes the estimate 1
+        estimate = torch.where(
+            has, xa / torch.where(has, aa, 1.0), torch.ones_like(state.scale)
+        )
         scale = ema(state.scale, estimate)
         median = scale.sort().values[scale.numel() // 2]
         if median > 0:

@@ -42,6 +42,8 @@ class StepReport:
     replaced_class: int | None = None
     expanded_class: int | None = None
     centred_classes: int = 0
+    #: EM: the class images before solvent flattening (RELION's ``run_unmasked_classes.mrcs``)
+    unmasked_class_images: torch.Tensor | None = None
 
 
 class _Class2DOptimizer(torch.optim.Optimizer):
@@ -83,6 +85,8 @@ class _Class2DOptimizer(torch.optim.Optimizer):
                 shift_moments=settings.is_vdam,
             )
             report.centred_classes = int((shifts.abs().sum(-1) > 0).sum())
+        if not settings.is_vdam:
+            report.unmasked_class_images = state.class_images.detach().clone()
         if settings.flatten_solvent:
             solvent_flatten(state, self.mask_radius_px, settings.mask_edge_px)
         update_resolution(state)

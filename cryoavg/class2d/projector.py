@@ -185,6 +185,41 @@ class ClassProjector:
         r2 = ky[:, None] ** 2 + kx[None, :] ** 2  # (P, P//2+1)
         keep = r2 <= (self.pad * self.r_max) ** 2 + 1e-9
         self.data = data * keep
+        self._memo: dict = {}
+
+    def memoised(self, name: str, objects: tuple, extra: tuple, build):
+        """Per-projector cache of values derived from it and some (immutable) inputs.
+
+        A projector lives for one iteration, so plans and reference tables that are the
+        same for every chunk of the iteration (grids, pixel sets) are built once.
+        ``objects`` are compared by identity (and kept alive by the cache), ``extra`` by
+        value. :attr:`data` must not be modified after the first call.
+
+        Parameters
+        ----------
+        name
+            Kind of value.
+        objects
+            Inputs compared by identity (e.g. the ψ grid tensor, the pixel set).
+        extra
+            Hashable inputs compared by value.
+        build
+            Zero-argument callable computing the value on a miss.
+
+        Returns
+        -------
+        Any
+            The cached or newly built value.
+        """
+        key = (name, tuple(id(o) for o in objects), extra)
+        entry = self._memo.get(key)
+        if entry is not None and all(a is b for a, b in zip(entry[0], objects)):
+            return entry[1]
+        if len(self._memo) >= 32:
+            self._memo.clear()
+        value = build()
+        self._memo[key] = (objects, value)
+        return value
 
     @property
     def n_classes(self) -> int:
@@ -317,13 +352,36 @@ class ClassProjector:
         pixel_set: PixelSet,
         start: int,
         stop: int | None,
+        angle_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Bilinear plan of the distinct angles; ``inverse (n,)`` maps rows to them."""
+        """Bilinear plan of the distinct angles; ``inverse (n,)`` maps rows to them.
+
+        With ``angle_index`` the angles are the table ``psi_degrees`` itself (its plan
+        is memoised) and ``inverse = angle_index``.
+        """
+        if angle_index is not None:
+            index, weight, conj = self.memoised(
+                "plan",
+                (psi_degrees, pixel_set),
+                (start, stop),
+                lambda: self._plan(psi_degrees, pixel_set, start, stop),
+            )
+            return index, weight, conj, angle_index
         angles, inverse = torch.unique(psi_degrees, return_inverse=True)
+        index, weight, conj = self._plan(angles, pixel_set, start, stop)
+        return index, weight, conj, inverse
+
+    def _plan(
+        self,
+        angles: torch.Tensor,
+        pixel_set: PixelSet,
+        start: int,
+        stop: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index, weight, conj = bilinear_plan(
             angles, pixel_set, pad=self.pad, r_max=self.r_max, start=start, stop=stop
         )
-        return index, weight.to(self.data.real.dtype), conj, inverse
+        return index, weight.to(self.data.real.dtype), conj
 
     def sample(
         self,
@@ -334,6 +392,7 @@ class ClassProjector:
         start: int = 0,
         stop: int | None = None,
         max_chunk_bytes: int = 1 << 28,
+        angle_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """References ``F_k(Rz(ψ) q)`` for a list of (class, angle) pairs.
 
@@ -342,13 +401,16 @@ class ClassProjector:
         class_index
             ``(n,)`` int64 classes.
         psi_degrees
-            ``(n,)`` angles (degrees).
+            ``(n,)`` angles (degrees), or with ``angle_index`` a table ``(r,)`` of angles.
         pixel_set
             Frequencies (or slice ``[start:stop]``), ``p`` pixels.
         start, stop
             Optional slice of the pixel set.
         max_chunk_bytes
             Bound on temporary memory (chunks over ``n``).
+        angle_index
+            Optional ``(n,)`` int64 rows of the angle table ``psi_degrees`` (the plan of
+            the table is then memoised on the projector: pass the same tensor object).
 
         Returns
         -------
@@ -357,11 +419,11 @@ class ClassProjector:
         """
         flat = self.data.reshape(-1)  # (k·M,)
         m = self.data.shape[-2] * self.data.shape[-1]
-        n = int(psi_degrees.shape[0])
+        n = int(class_index.shape[0])
         p = int(pixel_set.indices[start:stop].shape[0])
         out = self.data.new_empty((n, p))
         index, weight, conj, inverse = self._unique_plan(
-            psi_degrees, pixel_set, start, stop
+            psi_degrees, pixel_set, start, stop, angle_index
         )
         offset = class_index.to(index.device) * m  # (n,)
         step = self._chunk(1, n, p, max_chunk_bytes)
@@ -386,6 +448,7 @@ class ClassProjector:
         start: int = 0,
         stop: int | None = None,
         max_chunk_bytes: int = 1 << 28,
+        angle_index: torch.Tensor | None = None,
     ) -> None:
         """Adjoint of :meth:`sample`: splat ``(n, p)`` rows onto padded grids, in place.
 
@@ -412,16 +475,20 @@ class ClassProjector:
             Optional slice of the pixel set.
         max_chunk_bytes
             Bound on temporary memory (chunks over ``n``).
+        angle_index
+            Optional ``(n,)`` rows of the angle table ``psi_degrees`` (as in
+            :meth:`sample`).
         """
         target = class_index if target_index is None else target_index
         m = self.padded_size * (self.padded_size // 2 + 1)
-        n = int(psi_degrees.shape[0])
+        n = int(target.shape[0])
         p = int(pixel_set.indices[start:stop].shape[0])
         index, weight, conj, inverse = self._unique_plan(
-            psi_degrees, pixel_set, start, stop
+            psi_degrees, pixel_set, start, stop, angle_index
         )
         offset = target.to(index.device) * m  # (n,)
-        step = self._chunk(1, n, p, max_chunk_bytes)
+        # small chunks: the temporaries stay cache-sized (and are recycled by malloc)
+        step = self._chunk(1, n, p, min(max_chunk_bytes, 1 << 22))
         data_flat = out_data.view(-1) if out_data is not None else None
         weight_flat = out_weight.view(-1) if out_weight is not None else None
         for i in range(0, n, step):

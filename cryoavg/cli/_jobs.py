@@ -106,6 +106,8 @@ def job_directory(
     existed = path.exists()
     if existed and not path.is_dir():
         raise OutputError(f"{path}: exists and is not a directory")
+    # parent directories created for this job (deepest first), removed again on failure
+    new_parents = [parent for parent in path.parents if not parent.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -126,6 +128,9 @@ def job_directory(
     except BaseException:
         if not existed:
             shutil.rmtree(path, ignore_errors=True)
+            for parent in new_parents:
+                with contextlib.suppress(OSError):  # only while empty
+                    parent.rmdir()
         raise
 
 

@@ -12,13 +12,14 @@ Continue: ``cryoavg class2d continue_from=Class2D/job003/run_it050_optimiser.sta
 trainer.devices=N`` (``trainer=ddp_spawn`` in notebooks / tests).
 """
 
+import contextlib
+import inspect
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 from cryoavg.cli._configs import config_dir
 from cryoavg.cli._jobs import command_line, job_directory, run_job
 from cryoavg.errors import ConfigError, InputError
-from cryoavg.io.dataset import ParticleDataset
 from cryoavg.io.particles import ParticleTable, read_particles
 from cryoavg.io.stack import ImageSource
 
@@ -73,8 +73,6 @@ def settings_from_config(cfg: DictConfig):
 
 def data_info(table: ParticleTable, source: ImageSource, settings) -> Any:
     """Check the particle set against the settings and summarise it for the module."""
-    from cryoavg.class2d.module import DataInfo
-
     if table.has_mixed_pixel_sizes:
         raise InputError(
             table.path,
@@ -92,6 +90,9 @@ def data_info(table: ParticleTable, source: ImageSource, settings) -> Any:
             "ctf=true but the STAR file has no CTF columns (rlnDefocusU/V, ...); "
             "use ctf=false for CTF-free data",
         )
+    # imported only now: Lightning takes seconds to import, and bad input is reported first
+    from cryoavg.class2d.module import DataInfo
+
     premultiplied = torch.as_tensor(
         np.asarray(table.ctf_premultiplied, dtype=bool)
     ).reshape(-1)
@@ -129,8 +130,19 @@ def initial_particle_values(
         values["norm_correction"] = frame["rlnNormCorrection"].to_numpy(np.float64)
     if "rlnAnglePsi" in frame:
         values["psi_degrees"] = frame["rlnAnglePsi"].to_numpy(np.float64)
-    if with_classes and "rlnClassNumber" in frame:
-        values["class_index"] = frame["rlnClassNumber"].to_numpy(np.int64) - 1
+    if with_classes:
+        # a continuation: the written per-particle results (kept for the particles
+        # outside the next mini-batches, as RELION's data.star does)
+        for label, name, dtype in (
+            ("rlnClassNumber", "class_index", np.int64),
+            ("rlnLogLikeliContribution", "log_likelihood", np.float64),
+            ("rlnMaxValueProbDistribution", "pmax", np.float64),
+            ("rlnNrOfSignificantSamples", "n_significant", np.int64),
+        ):
+            if label in frame:
+                values[name] = frame[label].to_numpy(dtype)
+        if "class_index" in values:
+            values["class_index"] = values["class_index"] - 1
     for name, array in values.items():
         if not np.all(np.isfinite(array)):
             raise InputError(
@@ -177,27 +189,60 @@ def make_demo_particles(job_dir: Path) -> Path:
     return out / "particles.star"
 
 
+def read_checkpoint_info(path: Path) -> dict[str, Any]:
+    """The cryoavg run information stored in a Class2D Lightning checkpoint.
+
+    Raises
+    ------
+    InputError
+        The file is not a readable checkpoint written by ``cryoavg class2d``.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # a truncated zip, not a torch file, ...
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(path, f"not a readable checkpoint ({first})") from err
+    info = checkpoint.get("cryoavg_class2d") if isinstance(checkpoint, dict) else None
+    if not isinstance(info, dict) or "settings" not in info:
+        raise InputError(path, "not a checkpoint written by cryoavg class2d")
+    return info
+
+
 def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run a Class2D job (testable entry point).
+
+    Lightning's own messages and the deprecation warnings of its dependencies are silenced
+    while it runs (:func:`~cryoavg.class2d.strategy.quiet_lightning`). Lightning is imported
+    only after the input has been checked, so bad input is reported within a second or two.
 
     Returns
     -------
     tuple
         ``(metrics, objects)``: final figures and the job directory, module and trainer.
     """
-    from cryoavg.class2d.callbacks import RelionWriter
-    from cryoavg.class2d.module import Class2DModule
+    from cryoavg.class2d.settings import Class2DSettings
 
     settings = settings_from_config(cfg)
     settings.validate()
     continue_from = Path(cfg.continue_from) if cfg.continue_from else None
     ckpt_path = None
+    ckpt_info: dict[str, Any] | None = None
     continuation = None
+    particles_star = cfg.particles
+    project_dir = cfg.project_dir
     if continue_from is not None:
         if not continue_from.is_file():
             raise InputError(continue_from, "file not found (continue_from)")
         if continue_from.suffix == ".ckpt":
             ckpt_path = str(continue_from)
+            ckpt_info = read_checkpoint_info(continue_from)
+            # as for an optimiser.star: the run's settings come from the checkpoint except
+            # the number of iterations and how often files are written
+            settings = Class2DSettings.from_dict(ckpt_info["settings"])
+            if particles_star is None:
+                particles_star = ckpt_info.get("particles")
+                if project_dir is None:
+                    project_dir = ckpt_info.get("project_dir")
         else:
             from cryoavg.class2d.continuation import read_iteration
 
@@ -205,17 +250,18 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             # as RELION's --continue: everything comes from the optimiser.star except the
             # number of iterations and how often files are written
             settings = continuation.settings
-            settings.n_iterations = int(cfg.iterations)
-            settings.write_every = int(cfg.write_every)
+        settings.n_iterations = int(cfg.iterations)
+        settings.write_every = int(cfg.write_every)
+        settings.validate()
     output = cfg.output
-    if output is None and continue_from is not None and continuation is not None:
+    if output is None and continue_from is not None:
         output = str(continue_from.parent)
     started = time.perf_counter()
-    with job_directory(output, "Class2D", cfg) as job_dir:
+    with contextlib.ExitStack() as context:
+        job_dir = context.enter_context(job_directory(output, "Class2D", cfg))
         if continuation is not None:
             table = continuation.particles
         else:
-            particles_star = cfg.particles
             if particles_star is None:
                 particles_star = str(make_demo_particles(job_dir))
             table = read_particles(
@@ -223,11 +269,30 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 pixel_size_angstrom=None
                 if cfg.pixel_size is None
                 else float(cfg.pixel_size),
-                project_dir=cfg.project_dir,
+                project_dir=project_dir,
+            )
+        if ckpt_info is not None and int(ckpt_info.get("n_particles", -1)) not in (
+            -1,
+            table.n_particles,
+        ):
+            raise InputError(
+                continue_from,
+                f"the checkpoint has {ckpt_info['n_particles']} particles but "
+                f"{table.path} has {table.n_particles}",
             )
         source = ImageSource.from_table(table, preread=settings.preread_images)
         info = data_info(table, source, settings)
+
+        import lightning
+
+        from cryoavg.class2d.callbacks import RelionWriter
+        from cryoavg.class2d.module import Class2DModule
+        from cryoavg.class2d.strategy import quiet_lightning
+        from cryoavg.io.dataset import ParticleDataset
+
         dataset = ParticleDataset(table, source)
+
+        context.enter_context(quiet_lightning())
         module = Class2DModule(
             settings,
             info,
@@ -239,17 +304,30 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             chunk_size=int(cfg.data.chunk_size),
             num_workers=int(cfg.data.num_workers),
         )
+        module.run_info = {
+            "particles": str(Path(table.path).resolve()),
+            "project_dir": str(Path(project_dir or ".").resolve()),
+            "n_particles": int(table.n_particles),
+        }
         if continuation is not None:
             from cryoavg.class2d.continuation import restore_state
 
             restore_state(module.state, continuation)
             module.initialised.fill_(True)
             module.completed_iteration.fill_(continuation.iteration)
+            if continuation.sampling is not None:
+                # the next iteration's perturbation continues from this one (§A.6.2)
+                module.perturbation.fill_(float(continuation.sampling.perturbation))
         start_iteration = module.start_iteration
-        if settings.n_iterations <= start_iteration:
+        completed = (
+            int(ckpt_info.get("completed_iteration", 0))
+            if ckpt_info is not None
+            else start_iteration
+        )
+        if settings.n_iterations <= completed:
             raise ConfigError(
                 f"iterations={settings.n_iterations} but the run is already at iteration "
-                f"{start_iteration}; ask for more iterations"
+                f"{completed}; ask for more iterations"
             )
         root = job_dir / "run"
         writer = RelionWriter(
@@ -284,7 +362,16 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             default_root_dir=str(job_dir),
             log_every_n_steps=1,
         )
-        trainer.fit(module, ckpt_path=ckpt_path)
+        fit_options: dict[str, Any] = {}
+        if "weights_only" in inspect.signature(trainer.fit).parameters:
+            fit_options["weights_only"] = False  # our own checkpoint (not only tensors)
+        try:
+            trainer.fit(module, ckpt_path=ckpt_path, **fit_options)
+        except SystemExit:
+            # Lightning turns Ctrl-C into sys.exit(1); report it as cryoavg does
+            if trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
     elapsed = time.perf_counter() - started
     counts = torch.bincount(
         module.particle_class_index.clamp_min(0), minlength=settings.n_classes

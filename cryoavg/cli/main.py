@@ -17,6 +17,10 @@ JOBS: dict[str, tuple[str, str]] = {
         "cryoavg.cli.class2d",
         "reference-free 2D class averaging (RELION Class2D: VDAM or EM)",
     ),
+    "localsym": (
+        "cryoavg.cli.localsym",
+        "local symmetry: operator search, refine, apply, duplicate, masks",
+    ),
     "simulate": (
         "cryoavg.cli.simulate",
         "simulate particles (STAR + MRCS) from a 3D map, with junk and ground truth",

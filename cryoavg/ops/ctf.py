@@ -82,6 +82,7 @@ def _phase_and_envelope(
     amplitude_contrast: torch.Tensor,
     bfactor_angstrom2: torch.Tensor,
     scale: torch.Tensor,
+    intact_first_peak: bool = False,
 ) -> torch.Tensor:
     """RELION's CTF from |k|^2 (1/Å^2) and cos(2 (phi_k - angle)), broadcastable."""
     defocus_average = -(defocus_u_angstrom + defocus_v_angstrom) * 0.5
@@ -96,9 +97,11 @@ def _phase_and_envelope(
         - phase_shift_rad
         - amplitude_phase
     )
-    return (
-        -torch.sin(gamma) * scale * torch.exp(-0.25 * bfactor_angstrom2 * frequency_sq)
-    )
+    ctf = -torch.sin(gamma)
+    if intact_first_peak:
+        # RELION --ctf_intact_first_peak: no CTF correction before the first peak
+        ctf = torch.where(gamma.abs() < 0.5 * torch.pi, torch.ones_like(ctf), ctf)
+    return ctf * scale * torch.exp(-0.25 * bfactor_angstrom2 * frequency_sq)
 
 
 def ctf_2d(
@@ -116,6 +119,7 @@ def ctf_2d(
     scale: ParamLike = 1.0,
     rfft: bool = True,
     fftshift: bool = False,
+    intact_first_peak: bool = False,
 ) -> torch.Tensor:
     """RELION's 2D CTF image for one or many particles.
 
@@ -148,6 +152,9 @@ def ctf_2d(
         ``rlnCtfScalefactor``.
     rfft, fftshift
         Layout of the Fourier grid (see :mod:`cryoavg.ops.fourier`).
+    intact_first_peak
+        RELION's ``--ctf_intact_first_peak``: the CTF is 1 wherever the phase
+        ``|γ| < π/2`` (before its first peak); the B-factor envelope and scale still apply.
 
     Returns
     -------
@@ -211,6 +218,7 @@ def ctf_2d(
         per_particle(q0),
         per_particle(bfactor),
         per_particle(scale_tensor),
+        intact_first_peak,
     )
 
 

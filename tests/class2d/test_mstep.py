@@ -413,3 +413,17 @@ def test_invalid_arguments():
         mstep.vdam_update(state, Class2DStatistics.zeros(1, 16), 0.3, 1.0, 0.9)
     with pytest.raises(ValueError, match="mu"):
         mstep.update_other_parameters(state, zero_stats(state), mu=1.5)
+
+
+def test_scale_of_group_without_reference_power_is_pulled_towards_one():
+    # RELION maximizationOtherParameters: AA = 0 → the group's estimate is 1
+    state = make_state(torch.zeros(2, N, N), n_scale_groups=3)
+    state.scale.copy_(torch.tensor([1.0, 2.0, 4.0]))
+    state.scale_group_particle_count.fill_(1.0)
+    stats = zero_stats(state)
+    stats.class_weight.fill_(1.0)
+    stats.scale_xa.copy_(torch.tensor([1.0, 0.0, 0.0], dtype=stats.scale_xa.dtype))
+    stats.scale_aa.copy_(torch.tensor([1.0, 0.0, 0.0], dtype=stats.scale_aa.dtype))
+    mstep.update_other_parameters(state, stats, mu=0.5)
+    raw = torch.tensor([1.0, 1.5, 2.5])  # 0.5·old + 0.5·[1, 1, 1]
+    assert torch.allclose(state.scale, raw / raw.mean(), rtol=1e-5)

