@@ -33,7 +33,7 @@ _JOB_NAME = re.compile(r"^job(\d{3,})$")
 
 
 def setup_logging(verbose: bool = True) -> None:
-    """Send cryoavg's log records to a rich console handler on standard error."""
+    """Send cryoavg's log records to a rich console handler on standard output."""
     from rich.logging import RichHandler
 
     if any(isinstance(h, RichHandler) for h in log.handlers):
@@ -83,7 +83,12 @@ def next_job_directory(job_type: str, project_dir: str | Path = ".") -> Path:
 
 @contextlib.contextmanager
 def job_directory(
-    output: str | None, job_type: str, cfg: DictConfig | None = None
+    output: str | None,
+    job_type: str,
+    cfg: DictConfig | None = None,
+    *,
+    record: bool = True,
+    keep_if: str | None = None,
 ) -> Iterator[Path]:
     """Create (or reuse) a job's output directory for the duration of a job.
 
@@ -95,6 +100,14 @@ def job_directory(
         RELION job type used for automatic numbering (``Simulate``, ``Class2D``, ...).
     cfg
         Resolved config, saved as ``config.yaml`` in the directory.
+    record
+        Write ``note.txt`` and ``config.yaml`` and own the directory (remove it on failure).
+        ``False`` for the other ranks of a multi-process job, which use the directory of
+        rank 0.
+    keep_if
+        Glob of files that mark completed work (e.g. ``"*_optimiser.star"`` for Class2D,
+        written last for each iteration): a failed or interrupted job whose directory holds
+        such a file keeps it, so finished iterations are never lost and can be continued.
 
     Yields
     ------
@@ -103,6 +116,10 @@ def job_directory(
         the directory is removed again so that no partial output is left behind.
     """
     path = Path(output) if output else next_job_directory(job_type)
+    if not record:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
     existed = path.exists()
     if existed and not path.is_dir():
         raise OutputError(f"{path}: exists and is not a directory")
@@ -126,7 +143,8 @@ def job_directory(
                 handle.write(OmegaConf.to_yaml(cfg, resolve=True))
         yield path
     except BaseException:
-        if not existed:
+        completed = keep_if is not None and any(path.glob(keep_if))
+        if not existed and not completed:
             shutil.rmtree(path, ignore_errors=True)
             for parent in new_parents:
                 with contextlib.suppress(OSError):  # only while empty

@@ -15,7 +15,11 @@ trainer.devices=N`` (``trainer=ddp_spawn`` in notebooks / tests).
 import contextlib
 import inspect
 import logging
+import os
+import re
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +165,62 @@ def _strategy(cfg_trainer: DictConfig) -> Any:
     return name
 
 
+def _secondary_rank() -> bool:
+    """Whether a DDP launcher started this process as a rank other than global rank 0."""
+
+    def value(name: str) -> int:
+        try:
+            return int(os.environ.get(name, "0") or 0)
+        except ValueError:
+            return 0
+
+    return any(value(name) > 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _override(key: str, value: str) -> str:
+    """``key=value`` for a Hydra command line (quoted unless plainly safe)."""
+    if re.fullmatch(r"[\w./:+-]+", value):
+        return f"{key}={value}"
+    return f"{key}='" + value.replace("'", "\\'") + "'"
+
+
+@contextlib.contextmanager
+def ddp_child_command(
+    cfg: DictConfig, job_dir: Path, demo_particles: Path | None
+) -> Iterator[None]:
+    """Let Lightning's ``ddp`` launcher start the other ranks with this job's command line.
+
+    Lightning starts ranks 1…N−1 by running ``sys.argv`` again. ``cryoavg <job>`` has
+    replaced ``sys.argv`` by ``["cryoavg <job>", key=value, ...]`` (see
+    :mod:`cryoavg.cli.main`), which is not runnable; for the duration of the block it is
+    a runnable command again, with the job directory (and the demo data) of this process
+    pinned, so the other ranks neither number a new job directory nor simulate again.
+    Outside the ``cryoavg`` command (tests, notebooks) nothing changes.
+    """
+    import __main__
+
+    saved = list(sys.argv)
+    prog = os.environ.get("CRYOAVG_PROG", "")
+    if (
+        str(cfg.trainer.get("strategy", "auto")) != "ddp"
+        or not prog
+        or saved[0] != prog
+    ):
+        yield
+        return
+    pinned = {"output": str(job_dir.resolve())}
+    if demo_particles is not None:
+        pinned["particles"] = str(demo_particles.resolve())
+    keep = [a for a in saved[1:] if a.split("=", 1)[0].lstrip("+~") not in pinned]
+    script = getattr(__main__, "__file__", None) or saved[0]
+    job = prog.split()[-1]
+    sys.argv = [script, job, *keep, *(_override(k, v) for k, v in pinned.items())]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def make_demo_particles(job_dir: Path) -> Path:
     """Simulate the built-in demo data set into ``<job>/demo_data`` and return its STAR."""
     from cryoavg.cli.simulate import demo_map_path, prepare_volume
@@ -257,13 +317,20 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if output is None and continue_from is not None:
         output = str(continue_from.parent)
     started = time.perf_counter()
+    demo_particles: Path | None = None
     with contextlib.ExitStack() as context:
-        job_dir = context.enter_context(job_directory(output, "Class2D", cfg))
+        job_dir = context.enter_context(
+            job_directory(
+                output, "Class2D", cfg, record=not _secondary_rank(),
+                keep_if="*_it[0-9][0-9][0-9]_optimiser.star",
+            )
+        )
         if continuation is not None:
             table = continuation.particles
         else:
             if particles_star is None:
-                particles_star = str(make_demo_particles(job_dir))
+                demo_particles = make_demo_particles(job_dir)
+                particles_star = str(demo_particles)
             table = read_particles(
                 particles_star,
                 pixel_size_angstrom=None
@@ -330,6 +397,10 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 f"{completed}; ask for more iterations"
             )
         root = job_dir / "run"
+        if continuation is not None and job_dir.resolve() == continue_from.parent.resolve():
+            # RELION §B.7: continuing into the same directory writes run_ctCCC_itNNN_*
+            # so the files of the first run are never overwritten
+            root = job_dir / f"run_ct{start_iteration:03d}"
         writer = RelionWriter(
             root,
             table,
@@ -365,6 +436,7 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         fit_options: dict[str, Any] = {}
         if "weights_only" in inspect.signature(trainer.fit).parameters:
             fit_options["weights_only"] = False  # our own checkpoint (not only tensors)
+        context.enter_context(ddp_child_command(cfg, job_dir, demo_particles))
         try:
             trainer.fit(module, ckpt_path=ckpt_path, **fit_options)
         except SystemExit:
@@ -382,12 +454,13 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "log_likelihood": float(module.state.log_likelihood),
         "nonempty_classes": int((counts > 0).sum()),
     }
-    log.info(
-        "Class2D finished iteration %d in %.1f s: %s",
-        metrics["iterations"],
-        elapsed,
-        job_dir / f"run_it{metrics['iterations']:03d}_optimiser.star",
-    )
+    if not _secondary_rank():
+        log.info(
+            "Class2D finished iteration %d in %.1f s: %s",
+            metrics["iterations"],
+            elapsed,
+            job_dir / f"run_it{metrics['iterations']:03d}_optimiser.star",
+        )
     return metrics, {
         "job_dir": job_dir,
         "module": module,

@@ -52,12 +52,12 @@ ISSUE_KEYS = [
 ]
 
 
-def _run(output: Path, *overrides: str):
+def _run(output: Path, *overrides: str, logger: str = "none"):
     cfg = compose_job(
         "class2d",
         [
             f"output={output}",
-            "logger=none",
+            f"logger={logger}",
             "trainer.enable_progress_bar=false",
             "trainer.accelerator=cpu",
             *overrides,
@@ -189,6 +189,7 @@ def em_run(tiny_simulation, tmp_path_factory):
         "iterations=2",
         "write_every=1",
         *FAST,
+        logger="tensorboard",  # the default
     )
     return SimpleNamespace(job=job, metrics=metrics, **objects)
 
@@ -258,6 +259,7 @@ def test_em_run_writes_the_relion_file_set(em_run, tiny_simulation):
     }
     for name in ("classes_gallery.png", "last.ckpt"):
         assert (job / name).is_file(), name
+    assert list((job / "tensorboard").glob("events.out.tfevents.*"))
     assert _no_temp_files(job)
     # RELION's EM extra: the class images before solvent flattening, overwritten each time
     unmasked = mrcfile.read(job / "run_unmasked_classes.mrcs")
@@ -495,6 +497,52 @@ def test_ddp_spawn_matches_a_single_process(vdam_run, tiny_simulation, tmp_path)
     )
 
 
+def test_ddp_from_the_command_line_matches_a_single_process(
+    vdam_run, tiny_simulation, tmp_path
+):
+    """``trainer=ddp``: Lightning starts rank 1 by running the command line again."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cryoavg.cli.main",
+            "class2d",
+            f"particles={tiny_simulation / 'particles.star'}",
+            "iterations=4",
+            "write_every=2",
+            *FAST,
+            "trainer=ddp",
+            "trainer.devices=2",
+            "trainer.accelerator=cpu",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    # one job directory (rank 1 did not number its own), written once, by rank 0
+    assert [p.name for p in (tmp_path / "Class2D").iterdir()] == ["job001"]
+    job = tmp_path / "Class2D" / "job001"
+    assert (job / "note.txt").read_text().count(" ++++ ") == 1
+    assert _iteration_files(job) == _iteration_files(vdam_run.job)
+    assert _no_temp_files(job)
+    difference = _relative_difference(_classes(vdam_run.job, 4), _classes(job, 4))
+    assert difference < DDP_RTOL, difference
+    # Lightning's chatter is silenced in both processes
+    for noise in (
+        "Tip",
+        "GPU available",
+        "LeafSpec",
+        "Initializing distributed",
+        "sync_dist",
+    ):
+        assert noise not in out.stderr + out.stdout, noise
+    assert (out.stdout + out.stderr).count("Class2D finished iteration 4") == 1
+
+
 # ---------------------------------------------------------------- 6. bad input on the command line
 
 
@@ -692,3 +740,41 @@ def test_failed_write_leaves_only_complete_files(
     )
     assert metrics["iterations"] == 2
     assert "optimiser.star" in _iteration_files(job)[2]
+
+
+def test_continue_into_the_same_directory_uses_relion_ct_names(tiny_simulation, tmp_path):
+    from cryoavg.cli.class2d import run_class2d
+
+    job = tmp_path / "Class2D" / "job001"
+    base = [
+        f"particles={tiny_simulation / 'particles.star'}",
+        f"project_dir={tiny_simulation.parents[1]}",
+        "classes=2", "write_every=1", "logger=none", "trainer.enable_progress_bar=false",
+        "psi_step=30", "offset_range=2", "offset_step=2",
+    ]
+    run_class2d(compose_job("class2d", [*base, f"output={job}", "iterations=2"]))
+    first = (job / "run_it002_classes.mrcs").read_bytes()
+    run_class2d(
+        compose_job(
+            "class2d",
+            [*base, f"continue_from={job / 'run_it002_optimiser.star'}", "iterations=3"],
+        )
+    )
+    assert (job / "run_ct002_it003_optimiser.star").is_file()
+    assert (job / "run_it002_classes.mrcs").read_bytes() == first
+
+
+def test_interrupted_run_keeps_its_completed_iterations(tmp_path, monkeypatch):
+    from cryoavg.cli import _jobs
+
+    job = tmp_path / "Class2D" / "job001"
+    with pytest.raises(KeyboardInterrupt):  # noqa: PT012
+        with _jobs.job_directory(str(job), "Class2D", keep_if="*_it[0-9][0-9][0-9]_optimiser.star"):
+            (job / "run_it000_optimiser.star").write_text("done\n")
+            raise KeyboardInterrupt
+    assert (job / "run_it000_optimiser.star").is_file()
+    other = tmp_path / "Class2D" / "job002"
+    with pytest.raises(KeyboardInterrupt):  # noqa: PT012
+        with _jobs.job_directory(str(other), "Class2D", keep_if="*_optimiser.star"):
+            raise KeyboardInterrupt
+    assert not other.exists()
