@@ -45,8 +45,14 @@ RELION = {
     "cpu_seconds": 1275.0,
     "peak_memory_mb": 198.0,
 }
-LOWER_IS_BETTER = {"view_error_deg", "inplane_spread_deg", "good_in_junk_classes",
-                   "class_fidelity_frc05_A_median", "cpu_seconds"}
+LOWER_IS_BETTER = {
+    "view_error_deg",
+    "inplane_spread_deg",
+    "good_in_junk_classes",
+    "class_fidelity_frc05_A_median",
+    "cpu_seconds",
+    "peak_memory_mb",
+}
 
 
 # ------------------------------------------------------------------------------ E-step
@@ -81,10 +87,14 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
     # smooth random class images and particles made from them (converged-like regime)
     images = torch.nn.functional.avg_pool2d(torch.randn(k, 1, box, box), 5, 1, 2)[:, 0]
     projector = ClassProjector(images.to(device), r_max=current / 2)
-    refs = projector.rotated_references(psi.fine_degrees[::2].to(device), pixels)  # (k, r, p)
+    refs = projector.rotated_references(
+        psi.fine_degrees[::2].to(device), pixels
+    )  # (k, r, p)
     pick = torch.randint(0, k, (b,))
     rot = torch.randint(0, refs.shape[1], (b,))
-    data = refs[pick.to(device), rot.to(device)] + 0.3 * torch.randn(b, p, dtype=refs.dtype, device=device)
+    data = refs[pick.to(device), rot.to(device)] + 0.3 * torch.randn(
+        b, p, dtype=refs.dtype, device=device
+    )
     batch = EStepBatch(
         images_masked_rfft=data,
         images_unmasked_rfft=data.clone(),
@@ -102,11 +112,17 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
 
     def run_estep():
         return expectation_step(
-            batch, projector, psi, trans, pixels,
+            batch,
+            projector,
+            psi,
+            trans,
+            pixels,
             class_prior=prior,
             class_offset_prior_angstrom=torch.zeros(k, 2, device=device),
-            sigma2_offset_angstrom2=100.0, pixel_size=args.pixel_size,
-            coarse_size=args.coarse_size or current, max_significant=5 * k,
+            sigma2_offset_angstrom2=100.0,
+            pixel_size=args.pixel_size,
+            coarse_size=args.coarse_size or current,
+            max_significant=5 * k,
         )
 
     if device.type == "cuda":
@@ -117,7 +133,9 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
     r_c, t_c = psi.n_coarse, trans.n_coarse
     # real-arithmetic FLOPs of the scoring GEMMs: cross term (b·t, 2p)×(2p, k·r) and the
     # |P|² term (b, p)×(p, k·r), coarse pass; the fine pass is a gather over the significant set
-    gemm_flops = 2.0 * (b * t_c) * (2 * coarse_pixels) * (k * r_c) + 2.0 * b * coarse_pixels * (k * r_c)
+    gemm_flops = 2.0 * (b * t_c) * (2 * coarse_pixels) * (
+        k * r_c
+    ) + 2.0 * b * coarse_pixels * (k * r_c)
     a = torch.randn(b * t_c, 2 * coarse_pixels, device=device)
     m = torch.randn(2 * coarse_pixels, k * r_c, device=device)
     matmul_seconds = _time(lambda: a @ m)
@@ -125,14 +143,24 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
     square = torch.randn(4096, 4096, device=device)
     dense_seconds = _time(lambda: square @ square)
     dense_flops = 2.0 * 4096**3 / dense_seconds
-    peak = (torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = (
+        (torch.cuda.max_memory_allocated() / 2**20)
+        if device.type == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    )
     estep_flops = gemm_flops / estep_seconds
     return {
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": str(device)
+        if device.type == "cpu"
+        else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
-        "batch": b, "classes": k, "box": box, "coarse_psi": r_c, "coarse_translations": t_c,
-        "coarse_pixels": coarse_pixels, "mean_significant": float(result.n_significant.float().mean()),
+        "batch": b,
+        "classes": k,
+        "box": box,
+        "coarse_psi": r_c,
+        "coarse_translations": t_c,
+        "coarse_pixels": coarse_pixels,
+        "mean_significant": float(result.n_significant.float().mean()),
         "estep_seconds_per_batch": estep_seconds,
         "particles_per_second": b / estep_seconds,
         "estep_gemm_gflops": estep_flops / 1e9,
@@ -154,7 +182,9 @@ def ensure_case(case_dir: Path) -> Path:
         sys.exit(f"error: {kit}: benchmark kit not found (set CRYOAVG_SHARED)")
     case_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PY": sys.executable}
-    subprocess.run(["bash", str(kit), str(case_dir.resolve())], check=True, env=env, cwd=kit.parent)
+    subprocess.run(
+        ["bash", str(kit), str(case_dir.resolve())], check=True, env=env, cwd=kit.parent
+    )
     return case_dir
 
 
@@ -163,15 +193,32 @@ def benchmark_case(args: argparse.Namespace) -> dict:
     case = ensure_case(Path(args.case_dir))
     out = Path(args.run_dir or f"bench_out/class2d_{args.algorithm}")
     if out.exists() and not args.reuse:
-        sys.exit(f"error: {out}: exists (use --reuse to score it, or another --run-dir)")
+        sys.exit(
+            f"error: {out}: exists (use --reuse to score it, or another --run-dir)"
+        )
     iterations = args.iterations or (100 if args.algorithm == "vdam" else 25)
     command = [
-        sys.executable, "-m", "cryoavg.cli.main", "class2d",
-        f"particles={case / 'particles.star'}", f"output={out}", "classes=20", "tau2_fudge=2",
-        f"iterations={iterations}", f"algorithm={args.algorithm}", "mask_diameter=300",
-        "zero_mask=true", "highres_limit=-1", "center_classes=true", "psi_step=6",
-        "offset_range=5", "offset_step=1", "ctf=true", f"seed={args.seed}",
-        "trainer.enable_progress_bar=false", "logger=none",
+        sys.executable,
+        "-m",
+        "cryoavg.cli.main",
+        "class2d",
+        f"particles={case / 'particles.star'}",
+        f"output={out}",
+        "classes=20",
+        "tau2_fudge=2",
+        f"iterations={iterations}",
+        f"algorithm={args.algorithm}",
+        "mask_diameter=300",
+        "zero_mask=true",
+        "highres_limit=-1",
+        "center_classes=true",
+        "psi_step=6",
+        "offset_range=5",
+        "offset_step=1",
+        "ctf=true",
+        f"seed={args.seed}",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
     ]
     run = {}
     if not (out / f"run_it{iterations:03d}_optimiser.star").is_file():
@@ -182,14 +229,24 @@ def benchmark_case(args: argparse.Namespace) -> dict:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         run = {
             "wall_seconds": wall,
-            "cpu_seconds": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "cpu_seconds": (after.ru_utime - before.ru_utime)
+            + (after.ru_stime - before.ru_stime),
             "peak_memory_mb": after.ru_maxrss / 1024,
         }
     metrics_script = SHARED / "bench" / "metrics2d.py"
     scored = subprocess.run(
-        [sys.executable, str(metrics_script), "--case", str(case),
-         "--data", str(out / f"run_it{iterations:03d}_data.star")],
-        check=True, capture_output=True, text=True, cwd=metrics_script.parent,
+        [
+            sys.executable,
+            str(metrics_script),
+            "--case",
+            str(case),
+            "--data",
+            str(out / f"run_it{iterations:03d}_data.star"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=metrics_script.parent,
     )
     metrics = json.loads(scored.stdout)
     fidelity = metrics.get("class_fidelity", {})
@@ -209,18 +266,31 @@ def benchmark_case(args: argparse.Namespace) -> dict:
         if ours is None:
             continue
         better = ours <= relion if key in LOWER_IS_BETTER else ours >= relion
-        comparison[key] = {"cryoavg": ours, "relion": relion, "ratio": ours / relion if relion else None,
-                           "at_least_as_good": bool(better)}
-    return {"algorithm": args.algorithm, "iterations": iterations, "figures": figures,
-            "vs_relion": comparison, "metrics2d": metrics}
+        comparison[key] = {
+            "cryoavg": ours,
+            "relion": relion,
+            "ratio": ours / relion if relion else None,
+            "at_least_as_good": bool(better),
+        }
+    return {
+        "algorithm": args.algorithm,
+        "iterations": iterations,
+        "figures": figures,
+        "vs_relion": comparison,
+        "metrics2d": metrics,
+    }
 
 
 def main() -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="part", required=True)
     estep = sub.add_parser("estep")
-    estep.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    estep.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     estep.add_argument("--box", type=int, default=64)
     estep.add_argument("--classes", type=int, default=20)
     estep.add_argument("--batch", type=int, default=256)

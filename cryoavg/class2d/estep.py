@@ -595,7 +595,9 @@ def _fine_tables(
 # fine pass helpers
 
 
-def _unique_inverse(key: torch.Tensor, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _unique_inverse(
+    key: torch.Tensor, n_keys: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.unique(key, return_inverse=True)`` for keys in ``[0, n_keys)``.
 
     Uses a dense marker (no sort) when the key space is not much larger than the
@@ -977,7 +979,9 @@ def expectation_step(
     # norm correction: E = Σ w Σ_p |s·CTF·P − X·φ|² (incl. DC) + power beyond
     x_power = (x.real**2 + x.imag**2).sum(-1).to(torch.float64)  # (b,)
     resid_e = (
-        power_e[1][:, :, None] + x_power[row, None, None] - 2.0 * cross[:, 1].view(e, 2, 4)
+        power_e[1][:, :, None]
+        + x_power[row, None, None]
+        - 2.0 * cross[:, 1].view(e, 2, 4)
     )  # (e, 2, 4)
     rr = torch.zeros((b, m_max, 8), dtype=torch.float64, device=device)
     rr[row, col] = resid_e.reshape(e, 8)

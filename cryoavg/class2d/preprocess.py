@@ -99,28 +99,8 @@ def ctf_images(
         image_shape=(box_size, box_size),
         rfft=True,
         fftshift=False,
+        intact_first_peak=intact_first_peak,
     )
-    if intact_first_peak:
-        # below the first peak: |CTF| still rising along each radial line; detect the first
-        # frequency where |CTF| reaches ≥ 0.99 of its envelope-free maximum along the radius
-        shells = shell_index(
-            (box_size, box_size), rfft=True, fftshift=False, device=ctf.device
-        )
-        magnitude = ctf.abs()
-        n_shells = box_size // 2 + 1
-        peak_shell = torch.full((ctf.shape[0],), n_shells, device=ctf.device)
-        reached = magnitude >= 0.99 * magnitude.amax(
-            dim=(-2, -1), keepdim=True
-        ).clamp_min(1e-12)
-        first = (
-            torch.where(reached, shells.expand_as(magnitude), n_shells)
-            .flatten(1)
-            .amin(1)
-        )
-        peak_shell = torch.minimum(peak_shell, first)
-        ctf = torch.where(
-            shells[None] < peak_shell[:, None, None], torch.ones_like(ctf), ctf
-        )
     if premultiplied is not None and bool(premultiplied.any()):
         ctf = torch.where(premultiplied[:, None, None], ctf * ctf, ctf)
     return ctf

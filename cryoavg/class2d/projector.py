@@ -213,7 +213,9 @@ class ClassProjector:
         """
         key = (name, tuple(id(o) for o in objects), extra)
         entry = self._memo.get(key)
-        if entry is not None and all(a is b for a, b in zip(entry[0], objects)):
+        if entry is not None and all(
+            a is b for a, b in zip(entry[0], objects, strict=False)
+        ):
             return entry[1]
         if len(self._memo) >= 32:
             self._memo.clear()

@@ -321,7 +321,10 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     with contextlib.ExitStack() as context:
         job_dir = context.enter_context(
             job_directory(
-                output, "Class2D", cfg, record=not _secondary_rank(),
+                output,
+                "Class2D",
+                cfg,
+                record=not _secondary_rank(),
                 keep_if="*_it[0-9][0-9][0-9]_optimiser.star",
             )
         )
@@ -397,7 +400,10 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 f"{completed}; ask for more iterations"
             )
         root = job_dir / "run"
-        if continuation is not None and job_dir.resolve() == continue_from.parent.resolve():
+        if (
+            continuation is not None
+            and job_dir.resolve() == continue_from.parent.resolve()
+        ):
             # RELION §B.7: continuing into the same directory writes run_ctCCC_itNNN_*
             # so the files of the first run are never overwritten
             root = job_dir / f"run_ct{start_iteration:03d}"

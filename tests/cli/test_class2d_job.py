@@ -742,22 +742,33 @@ def test_failed_write_leaves_only_complete_files(
     assert "optimiser.star" in _iteration_files(job)[2]
 
 
-def test_continue_into_the_same_directory_uses_relion_ct_names(tiny_simulation, tmp_path):
+def test_continue_into_the_same_directory_uses_relion_ct_names(
+    tiny_simulation, tmp_path
+):
     from cryoavg.cli.class2d import run_class2d
 
     job = tmp_path / "Class2D" / "job001"
     base = [
         f"particles={tiny_simulation / 'particles.star'}",
         f"project_dir={tiny_simulation.parents[1]}",
-        "classes=2", "write_every=1", "logger=none", "trainer.enable_progress_bar=false",
-        "psi_step=30", "offset_range=2", "offset_step=2",
+        "classes=2",
+        "write_every=1",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "psi_step=30",
+        "offset_range=2",
+        "offset_step=2",
     ]
     run_class2d(compose_job("class2d", [*base, f"output={job}", "iterations=2"]))
     first = (job / "run_it002_classes.mrcs").read_bytes()
     run_class2d(
         compose_job(
             "class2d",
-            [*base, f"continue_from={job / 'run_it002_optimiser.star'}", "iterations=3"],
+            [
+                *base,
+                f"continue_from={job / 'run_it002_optimiser.star'}",
+                "iterations=3",
+            ],
         )
     )
     assert (job / "run_ct002_it003_optimiser.star").is_file()
@@ -768,13 +779,18 @@ def test_interrupted_run_keeps_its_completed_iterations(tmp_path, monkeypatch):
     from cryoavg.cli import _jobs
 
     job = tmp_path / "Class2D" / "job001"
-    with pytest.raises(KeyboardInterrupt):  # noqa: PT012
-        with _jobs.job_directory(str(job), "Class2D", keep_if="*_it[0-9][0-9][0-9]_optimiser.star"):
-            (job / "run_it000_optimiser.star").write_text("done\n")
-            raise KeyboardInterrupt
+    keep = "*_it[0-9][0-9][0-9]_optimiser.star"
+    with (  # noqa: PT012
+        pytest.raises(KeyboardInterrupt),
+        _jobs.job_directory(str(job), "Class2D", keep_if=keep),
+    ):
+        (job / "run_it000_optimiser.star").write_text("done\n")
+        raise KeyboardInterrupt
     assert (job / "run_it000_optimiser.star").is_file()
     other = tmp_path / "Class2D" / "job002"
-    with pytest.raises(KeyboardInterrupt):  # noqa: PT012
-        with _jobs.job_directory(str(other), "Class2D", keep_if="*_optimiser.star"):
-            raise KeyboardInterrupt
+    with (
+        pytest.raises(KeyboardInterrupt),
+        _jobs.job_directory(str(other), "Class2D", keep_if="*_optimiser.star"),
+    ):
+        raise KeyboardInterrupt
     assert not other.exists()

@@ -230,11 +230,17 @@ def test_apply_ctf_2d():
 def test_intact_first_peak_is_one_before_the_first_peak_only():
     from cryoavg.ops.ctf import ctf_2d
 
-    params = dict(
-        defocus_u_angstrom=20000.0, defocus_v_angstrom=20000.0, defocus_angle_degrees=0.0,
-        voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0.1, pixel_size_angstrom=2.0,
-        image_shape=(128, 128), bfactor_angstrom2=0.0,
-    )
+    params = {
+        "defocus_u_angstrom": 20000.0,
+        "defocus_v_angstrom": 20000.0,
+        "defocus_angle_degrees": 0.0,
+        "voltage_kv": 300.0,
+        "cs_mm": 2.7,
+        "amplitude_contrast": 0.1,
+        "pixel_size_angstrom": 2.0,
+        "image_shape": (128, 128),
+        "bfactor_angstrom2": 0.0,
+    }
     plain = ctf_2d(**params)
     intact = ctf_2d(**params, intact_first_peak=True)
     radial_plain = plain[0, :64]  # along +ky at kx = 0
@@ -243,5 +249,7 @@ def test_intact_first_peak_is_one_before_the_first_peak_only():
     assert first_peak > 1
     # before the first peak: flat 1; well after it: identical to the plain CTF
     assert torch.allclose(radial_intact[: first_peak - 1], torch.ones(first_peak - 1))
-    assert torch.allclose(radial_intact[first_peak + 3 :], radial_plain[first_peak + 3 :])
+    assert torch.allclose(
+        radial_intact[first_peak + 3 :], radial_plain[first_peak + 3 :]
+    )
     assert plain[0, 0] < 0.2  # the plain CTF starts near -sin(atan(Q0)) ≈ -0.1

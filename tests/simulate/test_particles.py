@@ -177,22 +177,38 @@ def test_simulated_star_values_read_back_identical(demo_volume, tmp_path):
 
     volume, pixel = demo_volume
     params = SimulationParameters(
-        n_particles=60, box_size=48, pixel_size_angstrom=pixel, junk_fraction=0.2, seed=11
+        n_particles=60,
+        box_size=48,
+        pixel_size_angstrom=pixel,
+        junk_fraction=0.2,
+        seed=11,
     )
     sim = simulate_particles(volume, params)
     write_simulation(tmp_path, sim, params, project_dir=tmp_path)
     table = read_particles(tmp_path / "particles.star", project_dir=tmp_path)
     ctf = table.ctf_parameters()
-    np.testing.assert_allclose(ctf["defocus_u_angstrom"], sim.defocus_u_angstrom, atol=0.006)
-    np.testing.assert_allclose(ctf["defocus_v_angstrom"], sim.defocus_v_angstrom, atol=0.006)
-    np.testing.assert_allclose(ctf["defocus_angle_degrees"], sim.defocus_angle_degrees, atol=6e-4)
+    np.testing.assert_allclose(
+        ctf["defocus_u_angstrom"], sim.defocus_u_angstrom, atol=0.006
+    )
+    np.testing.assert_allclose(
+        ctf["defocus_v_angstrom"], sim.defocus_v_angstrom, atol=0.006
+    )
+    np.testing.assert_allclose(
+        ctf["defocus_angle_degrees"], sim.defocus_angle_degrees, atol=6e-4
+    )
     np.testing.assert_allclose(ctf["voltage_kv"], 300.0)
     np.testing.assert_allclose(ctf["cs_mm"], 2.7)
     np.testing.assert_allclose(ctf["amplitude_contrast"], 0.1)
     truth = read_star(tmp_path / "ground_truth.star")["particles"]
-    np.testing.assert_allclose(truth["rlnAngleRot"], sim.angles_degrees[:, 0], atol=6e-5)
-    np.testing.assert_allclose(truth["rlnAngleTilt"], sim.angles_degrees[:, 1], atol=6e-5)
-    np.testing.assert_allclose(truth["rlnAnglePsi"], sim.angles_degrees[:, 2], atol=6e-5)
+    np.testing.assert_allclose(
+        truth["rlnAngleRot"], sim.angles_degrees[:, 0], atol=6e-5
+    )
+    np.testing.assert_allclose(
+        truth["rlnAngleTilt"], sim.angles_degrees[:, 1], atol=6e-5
+    )
+    np.testing.assert_allclose(
+        truth["rlnAnglePsi"], sim.angles_degrees[:, 2], atol=6e-5
+    )
     np.testing.assert_allclose(
         truth["rlnOriginXAngst"], sim.origin_px[:, 1] * pixel, atol=6e-5
     )
