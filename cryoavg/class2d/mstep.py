@@ -640,6 +640,9 @@ def vdam_update(
     2. ``m1_h ← 0.9·m1_h + 0.1·g_h`` (``m1_h ← g_h`` while it is identically zero);
     3. ``m2 ← 0.999·m2 + 0.001·|g_1 − g_0|² / (|(g_0 + g_1)/2|² + 1e−12)``;
     4. ``d = ((m1_0 + m1_1)/2) / (sqrt(m2) + 1e−12)``;
+
+    (steps 2–4 only for ``r < r_max``, as RELION: moments beyond the current size
+    keep their values and ``d`` is zero there, also in the class error);
     5. ``ν(ires)`` = shell mean of ``|m1_0 − m1_1|``; class error
        ``e_k = mean|d|²·π_k``.
 
@@ -722,14 +725,25 @@ def vdam_update(
     gradient = data / weight.clamp(min=1.0) * inside  # (2, k, P, P//2+1)
     moment1 = state.moment1  # (2, k, P, P//2+1) view on the buffer
     first_time = (moment1 == 0).all(dim=-1).all(dim=-1)  # (2, k)
+    # RELION (getFristMoment / getSecondMoment / applyMomenta) only touches voxels
+    # with r < r_max: moments beyond the current size keep their values, and the
+    # direction is zero there
     new_moment1 = torch.where(
-        first_time[..., None, None], gradient, 0.9 * moment1 + 0.1 * gradient
+        inside,
+        torch.where(
+            first_time[..., None, None], gradient, 0.9 * moment1 + 0.1 * gradient
+        ),
+        moment1,
     )
     noise = gradient[1] - gradient[0]
     signal = 0.5 * (gradient[0] + gradient[1])
     ratio = (noise.real**2 + noise.imag**2) / (signal.real**2 + signal.imag**2 + 1e-12)
-    new_moment2 = 0.999 * state.moment2 + 0.001 * ratio  # (k, P, P//2+1)
-    direction = 0.5 * (new_moment1[0] + new_moment1[1]) / (new_moment2.sqrt() + 1e-12)
+    new_moment2 = torch.where(
+        inside, 0.999 * state.moment2 + 0.001 * ratio, state.moment2
+    )  # (k, P, P//2+1)
+    direction = (
+        0.5 * (new_moment1[0] + new_moment1[1]) / (new_moment2.sqrt() + 1e-12) * inside
+    )
     half_difference = (new_moment1[0] - new_moment1[1]).abs()
     nu = _padded_shell_mean(half_difference, grid)  # (k, f)
     class_error = (direction.real**2 + direction.imag**2).mean(dim=(-2, -1)) * prior_old

@@ -211,16 +211,17 @@ class ClassProjector:
         Any
             The cached or newly built value.
         """
+        memo = self.__dict__.setdefault("_memo", {})
         key = (name, tuple(id(o) for o in objects), extra)
-        entry = self._memo.get(key)
+        entry = memo.get(key)
         if entry is not None and all(
             a is b for a, b in zip(entry[0], objects, strict=False)
         ):
             return entry[1]
-        if len(self._memo) >= 32:
-            self._memo.clear()
+        if len(memo) >= 32:
+            memo.clear()
         value = build()
-        self._memo[key] = (objects, value)
+        memo[key] = (objects, value)
         return value
 
     @property

@@ -195,6 +195,11 @@ def test_vdam_first_moments_initialise_to_gradient():
     noise = (g1 - g0).abs() ** 2
     signal = (0.5 * (g0 + g1)).abs() ** 2
     expected_m2 = 0.999 + 0.001 * noise / (signal + 1e-12)
+    # RELION updates the moments only for r < r_max (= current_size / 2)
+    inside = mstep._padded_grid(
+        N, state.pad, int(state.current_size) / 2.0, device="cpu", dtype=torch.float64
+    ).inside
+    expected_m2 = torch.where(inside, expected_m2, torch.ones_like(expected_m2))
     assert torch.allclose(state.moment2[0], expected_m2, rtol=1e-4)
     # second call: exponential moving average with 0.9
     mstep.vdam_update(state, stats, step_size=0.3, tau2_fudge=2.0, mu=0.9)
@@ -203,6 +208,30 @@ def test_vdam_first_moments_initialise_to_gradient():
     mstep.vdam_update(state, stats, step_size=0.3, tau2_fudge=2.0, mu=0.9)
     assert torch.allclose(state.moment1[0, 0], 0.95 * g0, atol=1e-6)
     assert float(state.step_size) == pytest.approx(0.3)
+
+
+def test_vdam_moments_untouched_beyond_current_size():
+    state = make_state(gaussian(0, 0, 4)[None])
+    state.current_size.fill_(N // 2)
+    old1 = torch.full_like(state.moment1, 0.5 + 0.25j)
+    state.moment1.copy_(old1)
+    state.moment2.fill_(3.0)
+    stats = zero_stats(state)
+    g0 = mstep.padded_dft_2d(target_image()[None], r_max=N / 2)[0]
+    stats.data[0, 0], stats.data[1, 0] = g0, 0.5 * g0
+    stats.weight[:] = 1.0
+    stats.class_weight[:] = 1.0
+    result = mstep.vdam_update(state, stats, step_size=0.3, tau2_fudge=2.0, mu=0.9)
+    grid = mstep._padded_grid(N, state.pad, N / 4.0, device="cpu", dtype=torch.float64)
+    outside = ~grid.inside
+    assert torch.equal(state.moment1[:, :, outside], old1[:, :, outside])
+    assert (state.moment2[:, outside] == 3.0).all()
+    assert not torch.equal(state.moment1[:, :, grid.inside], old1[:, :, grid.inside])
+    # the class error only sees the direction inside r_max
+    m1 = state.moment1[:, 0]
+    direction = 0.5 * (m1[0] + m1[1]) / (state.moment2[0].sqrt() + 1e-12) * grid.inside
+    expected = (direction.abs() ** 2).mean() * 1.0
+    assert float(result.class_error[0]) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_vdam_step_moves_towards_target_and_converges():
