@@ -16,15 +16,24 @@ A mini-batch of particles is aligned against all classes in two passes:
 2. **Significance** (§A.6.4): per particle, weights sorted descending are summed to
    ``adaptive_fraction`` of the total, at most ``max_significant`` samples.
 3. **Fine pass** on the significant coarse samples only: each expands to 2 fine ψ × 4
-   fine translations, evaluated on the pixels of the current size by gathering
-   (batched ``(2, 2p) × (2p, 4)`` products per coarse sample). New minimum, weights,
-   their sum ``S``, a second significance threshold (no cap); contributing weights are
-   normalised by ``S``.
+   fine translations, evaluated on the pixels of the current size. With
+   ``φ_{t_fine} = φ_{t_coarse}·φ_δ`` (``δ`` the fixed sub-offset of a fine translation),
+   the cross terms of all samples of one (class, coarse ψ) pair are one GEMM
+   ``(rows, 2p) × (2p, 8)`` of the gathered shifted images ``Y·φ_{t_coarse}`` with the
+   pair's table ``P·conj(φ_δ)``; the ``|P|²`` term is a GEMM over the pairs used. The
+   same pass evaluates the un-weighted cross term of the norm correction. New minimum,
+   weights, their sum ``S``, a second significance threshold (no cap), all in a dense
+   per-particle ``(b, significant·8)`` layout; contributing weights are normalised by
+   ``S``.
+
+Reference tables, phases and interpolation plans depend only on the iteration (class
+images, grids, pixel set), so they are built once and memoised on the projector
+(:meth:`ClassProjector.memoised`), which lives for one iteration.
 
 Weights are handled in the log domain (log-sum-exp), so a particle always keeps at
-least one significant sample, however large its ``diff2`` values are. Statistics and
-the norm correction sum the contributing samples per (particle, class, ψ) first:
-``Σ_t w_t·φ_t`` is a small GEMM ``(rows, t) × (t, p)``.
+least one significant sample, however large its ``diff2`` values are. The statistics
+sum the contributing samples per (particle, class, ψ) first:
+``Σ_t w_t·φ_t`` is a GEMM ``(rows, t) × (t, p)``, processed in cache-sized row chunks.
 
 Units and conventions
 ---------------------
@@ -985,8 +994,9 @@ def expectation_step(
     )  # (e, 2, 4)
     rr = torch.zeros((b, m_max, 8), dtype=torch.float64, device=device)
     rr[row, col] = resid_e.reshape(e, 8)
-    resid = (w_keep * rr.view(b, n8)[keep_row, keep_idx]).new_zeros(b)
-    resid.index_add_(0, keep_row, w_keep * rr.view(b, n8)[keep_row, keep_idx])
+    resid = torch.zeros(b, dtype=torch.float64, device=device).index_add_(
+        0, keep_row, w_keep * rr.view(b, n8)[keep_row, keep_idx]
+    )
     resid = resid.clamp(min=0.0)
     norm_corr = torch.sqrt(2.0 * (resid + beyond))
     if batch.norm_correction is not None:

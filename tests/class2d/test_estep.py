@@ -472,3 +472,277 @@ def test_accumulate_many_particles_consistent(synthetic, grids):
     )
     for name, value in st.as_dict().items():
         torch.testing.assert_close(value, st2.as_dict()[name], msg=name)
+
+
+# ------------------------------------------------------------------------------------
+# the optimised E-step and statistics against a dense brute-force reference
+
+
+def _naive_estep_and_statistics(batch, proj, psi, trans, ps, *, opts, ssnr, mode):
+    """Dense float64 reference of §A.6.4–§A.6.6: every diff2 by direct summation."""
+    x, xu = batch.images_masked_rfft, batch.images_unmasked_rfft
+    b, p = x.shape
+    k = proj.n_classes
+    sigma2 = batch.sigma2
+    s_ctf = batch.scale[:, None] * batch.ctf
+    n_coarse = ps.count_within(opts["coarse_size"])
+    refs_c = proj.rotated_references(psi.coarse_degrees, ps)  # (k, r_c, p)
+    refs_f = proj.rotated_references(psi.fine_degrees, ps)  # (k, r_f, p)
+    ph_c = phase_shifts(trans.coarse_px, ps, dtype=torch.complex128)
+    ph_f = phase_shifts(trans.fine_px, ps, dtype=torch.complex128)
+
+    def diff2(i, refs, ph, hi):  # (t, k, r) of particle i on pixels [1:hi]
+        model = s_ctf[i, None, None, None, 1:hi] * refs[None, :, :, 1:hi]
+        data = (x[i, 1:hi] * ph[:, 1:hi])[:, None, None]
+        return ((model - data).abs() ** 2 / (2 * sigma2[i, 1:hi])).sum(-1)
+
+    pi = opts["class_prior"].double()
+    log_pi = torch.log(pi / pi.mean())
+    o_abs = opts["pixel_size"] * (batch.offset_px[:, None] + trans.coarse_px[None])
+    d_mu = o_abs[:, :, None, :] - opts["class_offset_prior_angstrom"][None, None]
+    log_off = -(d_mu**2).sum(-1) / (2 * opts["sigma2_offset_angstrom2"])
+    log_off = log_off - torch.logsumexp(log_off, 1, keepdim=True)
+    log_off = log_off + math.log(trans.n_coarse)
+    log_prior = log_off + log_pi  # (b, t_c, k)
+    af, m = 0.999, 5 * k
+    r_c, r_f = psi.n_coarse, psi.n_fine
+    out = {
+        key: []
+        for key in ("row", "cls", "psi", "trans", "w", "pmax", "best", "min", "ll")
+    }
+    out["norm"] = []
+    shells = ps.box_size // 2 + 1
+    noise = torch.zeros(2, shells, dtype=torch.float64)
+    xa = torch.zeros(2, dtype=torch.float64)
+    aa = torch.zeros(2, dtype=torch.float64)
+    data = torch.zeros(2, k, r_f, p, dtype=torch.complex128)
+    weight = torch.zeros(2, k, r_f, p, dtype=torch.float64)
+    good = (ssnr[:, ps.ires] > 3.0).double()  # (k, p)
+    for i in range(b):
+        d = diff2(i, refs_c, ph_c, n_coarse)  # (t_c, k, r_c)
+        lw = log_prior[i][:, :, None] - (d - d.min())
+        lw = lw.masked_fill(d - d.min() > 700, -math.inf).reshape(-1)
+        top, order = torch.sort(lw, descending=True, stable=True)
+        wc = torch.exp(top - top[0])
+        total = wc.sum()
+        count = int(1 + (torch.cumsum(wc, 0) <= af * total)[:m].sum())
+        count = max(1, min(count, int((wc > 0).sum()), m))
+        df = diff2(i, refs_f, ph_f, p)  # (t_f, k, r_f)
+        cand = []
+        for flat in order[:count].tolist():
+            tc, kc, rc = flat // (k * r_c), (flat // r_c) % k, flat % r_c
+            for mm in range(2):
+                for j in range(4):
+                    tf, rf = 4 * tc + j, 2 * rc + mm
+                    cand.append(
+                        (kc, rf, tf, float(log_prior[i, tc, kc]), float(df[tf, kc, rf]))
+                    )
+        dmin = min(c[4] for c in cand)
+        lw = torch.tensor(
+            [c[3] - (c[4] - dmin) if c[4] - dmin <= 700 else -math.inf for c in cand],
+            dtype=torch.float64,
+        )
+        log_s = torch.logsumexp(lw, 0)
+        w = torch.exp(lw - log_s)
+        ws, order = torch.sort(w, descending=True, stable=True)
+        count = int(1 + (torch.cumsum(ws, 0) <= af * ws.sum()).sum())
+        count = max(1, min(count, int((ws > 0).sum())))
+        out["pmax"].append(float(ws[0]))
+        out["best"].append(cand[int(order[0])][:3])
+        out["min"].append(dmin)
+        beyond = float(batch.masked_power_beyond[i])
+        out["ll"].append(
+            float(log_s)
+            - (dmin + 0.5 * beyond)
+            - float(torch.log(2 * math.pi * sigma2[i, 1:]).sum())
+        )
+        h, og, grp = (
+            int(batch.index[i]) % 2,
+            int(batch.optics_group[i]),
+            int(batch.group[i]),
+        )
+        energy = beyond
+        noise[og] += batch.masked_shell_power_beyond[i]
+        for q in order[:count].tolist():
+            kc, rf, tf = cand[q][:3]
+            wq = float(w[q])
+            out["row"].append(i)
+            out["cls"].append(kc)
+            out["psi"].append(rf)
+            out["trans"].append(tf)
+            out["w"].append(wq)
+            model = s_ctf[i] * refs_f[kc, rf]
+            xm = x[i] * ph_f[tf]
+            resid2 = (model - xm).abs() ** 2
+            energy += wq * float(resid2.sum())
+            noise[og].index_add_(0, ps.ires, wq * resid2)
+            xa[grp] += (
+                wq * float(((model.conj() * xm).real * good[kc]).sum()) / batch.scale[i]
+            )
+            aa[grp] += (
+                wq * float((model.abs() ** 2 * good[kc]).sum()) / batch.scale[i] ** 2
+            )
+            xs = xu[i] * ph_f[tf] - (model if mode == "vdam" else 0)
+            data[h, kc, rf] += wq * s_ctf[i] / sigma2[i] * xs
+            weight[h, kc, rf] += wq * s_ctf[i] ** 2 / sigma2[i]
+        out["norm"].append(
+            math.sqrt(2 * energy) * float(batch.norm_correction[i]) / opts["avg_norm"]
+        )
+    big = proj.padded_size
+    data_grid = torch.zeros(2, k, big, big // 2 + 1, dtype=torch.complex128)
+    weight_grid = torch.zeros(2, k, big, big // 2 + 1, dtype=torch.float64)
+    for h in range(2):
+        proj.backproject(
+            data[h],
+            psi.fine_degrees,
+            ps,
+            data_grid[h],
+            weights=weight[h],
+            out_weight=weight_grid[h],
+        )
+    stats = {
+        "noise": noise,
+        "xa": xa,
+        "aa": aa,
+        "data": data_grid,
+        "weight": weight_grid,
+    }
+    return out, stats
+
+
+@pytest.mark.parametrize("mode", ["vdam", "em"])
+def test_optimised_estep_matches_dense_reference(mode):
+    n = 24
+    psi = PsiGrid.build(6.0, perturbation=0.3)
+    trans = TranslationGrid.build(3.0, 1.0, perturbation=-0.2)
+    ps = PixelSet.for_size(n, 20)
+    gen = torch.Generator().manual_seed(3)
+    classes = torch.stack([blob_image(i, n) for i in range(K)])
+    proj = ClassProjector(classes, r_max=10)
+    b = 7
+    true_k = torch.arange(b) % K
+    true_r = torch.randint(0, psi.n_fine, (b,), generator=gen)
+    refs = proj.rotated_references(psi.fine_degrees, ps)
+    ctf = torch.stack([simple_ctf(ps, 20.0 + 5 * i) for i in range(b)])
+    scale = 0.8 + 0.1 * torch.arange(b, dtype=torch.float64)
+    clean = scale[:, None] * ctf * refs[true_k, true_r]
+    sigma2 = (4.0 + 2.0 * ps.ires.double() / 10)[None].repeat(b, 1) * float(
+        (clean.abs() ** 2).mean()
+    )
+    noise = (
+        torch.complex(
+            torch.randn(b, ps.n_pixels, generator=gen, dtype=torch.float64),
+            torch.randn(b, ps.n_pixels, generator=gen, dtype=torch.float64),
+        )
+        * sigma2.sqrt()
+    )
+    shift = phase_shifts(
+        trans.fine_px[torch.randint(0, trans.n_fine, (b,), generator=gen)],
+        ps,
+        dtype=torch.complex128,
+    )
+    x = (clean + noise) * shift.conj()
+    batch = make_batch(x, ps, sigma2=1.0, ctf=ctf, scale=scale)
+    batch.sigma2 = sigma2
+    batch.images_unmasked_rfft = 0.9 * x + 0.001
+    batch.offset_px = torch.randint(-2, 3, (b, 2), generator=gen).double()
+    batch.index = torch.arange(b) + 3
+    batch.optics_group = torch.arange(b) % 2
+    batch.group = (torch.arange(b) // 4).long()
+    f = n // 2 + 1
+    batch.masked_shell_power_beyond = torch.rand(
+        b, f, generator=gen, dtype=torch.float64
+    )
+    batch.masked_shell_power_beyond[:, : 20 // 2 + 1] = 0
+    batch.masked_power_beyond = batch.masked_shell_power_beyond.sum(1)
+    batch.norm_correction = 1.0 + 0.1 * torch.rand(
+        b, generator=gen, dtype=torch.float64
+    )
+    opts = {
+        "class_prior": torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
+        "class_offset_prior_angstrom": torch.tensor(
+            [[0.5, -1.0], [0.0, 0.0], [1.5, 1.0]], dtype=torch.float64
+        ),
+        "sigma2_offset_angstrom2": 9.0,
+        "pixel_size": 1.2,
+        "coarse_size": 12,
+        "avg_norm": 1.05,
+    }
+    ssnr = torch.full((K, f), 10.0, dtype=torch.float64)
+    ssnr[1, 6:] = 1.0
+    ref, ref_stats = _naive_estep_and_statistics(
+        batch, proj, psi, trans, ps, opts=opts, ssnr=ssnr, mode=mode
+    )
+    res = expectation_step(batch, proj, psi, trans, ps, **opts)
+    sm = res.samples
+    assert sm.n_entries > 3 * b  # several contributing samples per particle
+    got = sorted(
+        zip(
+            sm.particle_row.tolist(),
+            sm.class_index.tolist(),
+            sm.psi_fine_index.tolist(),
+            sm.trans_fine_index.tolist(),
+            sm.weight.tolist(),
+            strict=True,
+        )
+    )
+    want = sorted(
+        zip(ref["row"], ref["cls"], ref["psi"], ref["trans"], ref["w"], strict=True)
+    )
+    assert [g[:4] for g in got] == [r[:4] for r in want]
+    torch.testing.assert_close(
+        torch.tensor([g[4] for g in got]), torch.tensor([r[4] for r in want])
+    )
+    # samples are ordered by particle, then by decreasing weight
+    key = sm.particle_row.double() * 2 - sm.weight
+    assert bool((key[1:] >= key[:-1]).all())
+    best = list(
+        zip(
+            res.best_class.tolist(),
+            torch.searchsorted(
+                psi.fine_degrees.sort().values, res.best_psi_degrees
+            ).tolist(),
+            strict=True,
+        )
+    )
+    assert [bb[0] for bb in ref["best"]] == [bb[0] for bb in best]
+    torch.testing.assert_close(
+        res.best_psi_degrees, psi.fine_degrees[[bb[1] for bb in ref["best"]]]
+    )
+    torch.testing.assert_close(
+        res.best_offset_px,
+        batch.offset_px + trans.fine_px[[bb[2] for bb in ref["best"]]],
+    )
+    d64 = torch.float64
+    torch.testing.assert_close(res.pmax, torch.tensor(ref["pmax"], dtype=d64))
+    torch.testing.assert_close(res.min_diff2, torch.tensor(ref["min"], dtype=d64))
+    torch.testing.assert_close(res.log_likelihood, torch.tensor(ref["ll"], dtype=d64))
+    torch.testing.assert_close(
+        res.norm_correction, torch.tensor(ref["norm"], dtype=d64)
+    )
+    st = Class2DStatistics.zeros(K, n, n_optics_groups=2, n_groups=2, dtype=d64)
+    accumulate_statistics(
+        batch,
+        res,
+        proj,
+        psi,
+        trans,
+        ps,
+        st,
+        mode=mode,
+        class_offset_prior_angstrom=opts["class_offset_prior_angstrom"],
+        pixel_size=opts["pixel_size"],
+        ssnr=ssnr,
+        max_chunk_bytes=50_000,  # several chunks everywhere
+    )
+    torch.testing.assert_close(st.noise_power, ref_stats["noise"])
+    torch.testing.assert_close(st.scale_xa, ref_stats["xa"])
+    torch.testing.assert_close(st.scale_aa, ref_stats["aa"])
+    torch.testing.assert_close(st.data, ref_stats["data"])
+    torch.testing.assert_close(st.weight, ref_stats["weight"])
+    torch.testing.assert_close(
+        st.class_weight,
+        torch.zeros(K, dtype=d64).index_add_(
+            0, torch.tensor(ref["cls"]), torch.tensor(ref["w"], dtype=d64)
+        ),
+    )
