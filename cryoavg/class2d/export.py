@@ -1226,18 +1226,7 @@ def _default_subset_size(
     """``rlnSgdSubsetSize`` of an iteration: the VDAM schedule, −1 (all) for EM."""
     if not settings.is_vdam or iteration < 1:
         return -1
-    schedule = VdamSchedule(
-        settings.n_iterations,
-        max(int(n_particles_total), 1),
-        settings.n_classes,
-        ini_frac=settings.grad_ini_frac,
-        fin_frac=settings.grad_fin_frac,
-        stepsize=settings.grad_stepsize if settings.grad_stepsize > 0 else 0.3,
-        tau2_fudge=settings.tau2_fudge,
-        ini_subset=settings.grad_ini_subset,
-        fin_subset=settings.grad_fin_subset,
-        mu=settings.mu,
-    )
+    schedule = VdamSchedule.from_settings(settings, n_particles_total)
     return schedule.subset_size(iteration)
 
 

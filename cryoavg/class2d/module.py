@@ -197,18 +197,7 @@ class Class2DModule(lightning.LightningModule):
         self.mask_radius_px = settings.mask_radius_px(
             data.box_size, data.pixel_size_angstrom
         )
-        self.schedule = VdamSchedule(
-            settings.n_iterations,
-            data.n_particles,
-            settings.n_classes,
-            ini_frac=settings.grad_ini_frac,
-            fin_frac=settings.grad_fin_frac,
-            stepsize=settings.grad_stepsize if settings.grad_stepsize > 0 else 0.3,
-            tau2_fudge=settings.tau2_fudge,
-            ini_subset=settings.grad_ini_subset,
-            fin_subset=settings.grad_fin_subset,
-            mu=settings.mu,
-        )
+        self.schedule = VdamSchedule.from_settings(settings, data.n_particles)
         n = data.n_particles
         initial = initial_particle_values or {}
         for name, dtype in PARTICLE_FIELDS.items():

@@ -192,6 +192,30 @@ class VdamSchedule:
         self._tau2_deflate = parse_step_scheme(self.tau2_scheme)
 
     # --------------------------------------------------------------- phases
+    @classmethod
+    def from_settings(cls, settings, n_particles: int) -> "VdamSchedule":
+        """The schedule of a run's :class:`~cryoavg.class2d.settings.Class2DSettings`.
+
+        Parameters
+        ----------
+        settings
+            Run options (iterations, classes, VDAM fractions, step size, T, subsets, μ).
+        n_particles
+            Size of the data set.
+        """
+        return cls(
+            settings.n_iterations,
+            max(int(n_particles), 1),
+            settings.n_classes,
+            ini_frac=settings.grad_ini_frac,
+            fin_frac=settings.grad_fin_frac,
+            stepsize=settings.grad_stepsize if settings.grad_stepsize > 0 else 0.3,
+            tau2_fudge=settings.tau2_fudge,
+            ini_subset=settings.grad_ini_subset,
+            fin_subset=settings.grad_fin_subset,
+            mu=settings.mu,
+        )
+
     @property
     def max_significant(self) -> int:
         """Cap on significant coarse samples per particle (2D VDAM: ``5·K``, §A.5)."""
