@@ -155,6 +155,8 @@ class RelionWriter(Checkpoint):
             subset_size=pl_module.subset_size(iteration) if iteration > 0 else None,
             input_columns=list(table.particles.columns),
             unmasked_class_images=unmasked,
+            accuracy_rotations_degrees=pl_module.state.accuracy_rotations_degrees,
+            accuracy_translations_angstrom=pl_module.state.accuracy_translations_angstrom,
         )
         log.info("iteration %03d written: %s_it%03d_*", iteration, self.root, iteration)
 

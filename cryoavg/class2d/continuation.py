@@ -1015,7 +1015,7 @@ def restore_state(
     Class2DState
         ``state`` itself. Restored: class images, noise spectra, scales, τ², SSNR,
         completeness, σ²_class, class prior, class prior offsets (yx), σ²_off, average
-        norm, current size and resolution shell, T, log-likelihood, average Pmax, the
+        norm, the per-class accuracies, current size and resolution shell, T, log-likelihood, average Pmax, the
         scale-group particle counts, the VDAM step size (from a continuation) and the
         moments when the model has them. ``class_age`` is not stored by RELION and is
         left unchanged.
@@ -1063,6 +1063,10 @@ def restore_state(
         state.tau2_fudge.fill_(model.tau2_fudge)
         state.log_likelihood.fill_(model.log_likelihood)
         state.average_pmax.fill_(model.average_pmax)
+        _copy(state.accuracy_rotations_degrees, model.accuracy_rotations_degrees)
+        _copy(
+            state.accuracy_translations_angstrom, model.accuracy_translations_angstrom
+        )
         _copy(
             state.scale_group_particle_count,
             model.group_particle_counts.astype(np.float64),

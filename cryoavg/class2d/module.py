@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cryoavg.class2d.accuracy import expected_accuracies
 from cryoavg.class2d.estep import accumulate_statistics, expectation_step
 from cryoavg.class2d.init import initialise_state
 from cryoavg.class2d.optim import EmOptimizer, StepReport, VdamOptimizer
@@ -394,6 +395,49 @@ class Class2DModule(lightning.LightningModule):
         self.noise_generator = torch.Generator().manual_seed(
             settings.seed * 7919 + iteration
         )
+        if self.is_accuracy_iteration(iteration):
+            self.estimate_accuracies(subset[:10], iteration)
+
+    def is_accuracy_iteration(self, iteration: int) -> bool:
+        """Whether ``iteration`` re-estimates the per-class accuracies (§A.5 step 5).
+
+        EM: every iteration. VDAM: iterations ≤ 1, every 10th and the last.
+        """
+        if not self.settings.is_vdam:
+            return True
+        return iteration <= 1 or iteration % 10 == 0 or iteration == self.n_iterations
+
+    @torch.no_grad()
+    def estimate_accuracies(self, particles: torch.Tensor, iteration: int) -> None:
+        """Expected rotational/translational accuracy per class (§A.10.2).
+
+        Parameters
+        ----------
+        particles
+            ``(n,)`` the trial particles (the first ten of the iteration's order).
+        iteration
+            Seeds the random choice of the shift axis.
+        """
+        if particles.numel() == 0:
+            return
+        batch = self.particles.get_batch(particles)
+        settings, state = self.settings, self.state
+        ctf = self._ctf(batch) if settings.do_ctf and self.data_info.has_ctf else None
+        optics = batch["optics_group"].to(torch.int64)
+        generator = torch.Generator().manual_seed(settings.seed * 31337 + iteration)
+        along_x = torch.rand(particles.numel(), generator=generator) < 0.5
+        rotations, translations = expected_accuracies(
+            self.projector,
+            self.pixel_set,
+            psi_degrees=self.particle_psi_degrees[particles],
+            sigma2_noise=state.sigma2_noise.detach()[optics.to(self.device)],
+            ctf=ctf,
+            shift_along_x=along_x,
+            class_prior=state.class_prior,
+            pixel_size_angstrom=self.data_info.pixel_size_angstrom,
+        )
+        state.accuracy_rotations_degrees.copy_(rotations)
+        state.accuracy_translations_angstrom.copy_(translations)
 
     def _ctf(self, batch: dict) -> torch.Tensor:
         premultiplied = self.data_info.ctf_premultiplied[batch["optics_group"]]

@@ -104,6 +104,11 @@ class Class2DState(nn.Module):
         ``()`` summed log-likelihood of the last E-step.
     average_pmax : torch.Tensor
         ``()`` average of the particles' maximum normalised weight.
+    accuracy_rotations_degrees : torch.Tensor
+        ``(k,)`` expected in-plane angular accuracy of each class (degrees; 999 =
+        unknown), see :mod:`cryoavg.class2d.accuracy`.
+    accuracy_translations_angstrom : torch.Tensor
+        ``(k,)`` expected translational accuracy of each class (Å; 999 = unknown).
     """
 
     class_images: nn.Parameter
@@ -127,6 +132,8 @@ class Class2DState(nn.Module):
     tau2_fudge: torch.Tensor
     log_likelihood: torch.Tensor
     average_pmax: torch.Tensor
+    accuracy_rotations_degrees: torch.Tensor
+    accuracy_translations_angstrom: torch.Tensor
 
     def __init__(
         self,
@@ -191,6 +198,12 @@ class Class2DState(nn.Module):
         self.register_buffer("tau2_fudge", torch.tensor(1.0, **kw))
         self.register_buffer("log_likelihood", torch.tensor(0.0, **kw))
         self.register_buffer("average_pmax", torch.tensor(0.0, **kw))
+        self.register_buffer(
+            "accuracy_rotations_degrees", torch.full((k,), 999.0, **kw)
+        )
+        self.register_buffer(
+            "accuracy_translations_angstrom", torch.full((k,), 999.0, **kw)
+        )
 
     # ------------------------------------------------------------------ sizes
     @property

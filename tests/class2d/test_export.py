@@ -295,6 +295,8 @@ def test_round_trip(project):
     assert math.isinf(model.estimated_resolution_angstrom[2])
 
     restored = state_from_continuation(cont)
+    state.accuracy_rotations_degrees.copy_(torch.tensor([2.5, 3.0, 999.0]))
+    state.accuracy_translations_angstrom.copy_(torch.tensor([1.5, 1.0, 999.0]))
     for name, tensor in state.state_dict().items():
         if name == "class_age":
             continue
