@@ -72,9 +72,14 @@ def _time(fn, repeats: int = 3) -> float:
 
 def benchmark_estep(args: argparse.Namespace) -> dict:
     """Time the E-step and compare its GEMM FLOP/s with torch.matmul on the same device."""
-    from cryoavg.class2d.estep import EStepBatch, expectation_step
+    from cryoavg.class2d.estep import (
+        EStepBatch,
+        accumulate_statistics,
+        expectation_step,
+    )
     from cryoavg.class2d.projector import ClassProjector
     from cryoavg.class2d.sampling import PixelSet, PsiGrid, TranslationGrid
+    from cryoavg.class2d.statistics import Class2DStatistics
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -100,7 +105,7 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
         images_unmasked_rfft=data.clone(),
         ctf=torch.ones(b, p, device=device),
         scale=torch.ones(b, device=device),
-        sigma2=torch.full((b, p), 0.05, device=device),
+        sigma2=torch.full((b, p), args.sigma2, device=device),
         offset_px=torch.zeros(b, 2, device=device),
         index=torch.arange(b, device=device),
         optics_group=torch.zeros(b, dtype=torch.int64, device=device),
@@ -122,7 +127,7 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
             sigma2_offset_angstrom2=100.0,
             pixel_size=args.pixel_size,
             coarse_size=args.coarse_size or current,
-            max_significant=5 * k,
+            max_significant=args.max_significant or 5 * k,
         )
 
     if device.type == "cuda":
@@ -149,6 +154,33 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
         else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     )
     estep_flops = gemm_flops / estep_seconds
+
+    def run_statistics(dense_threshold):
+        stats = Class2DStatistics.zeros(
+            n_classes=k, box_size=box, n_optics_groups=1, n_groups=1, device=device
+        )
+        accumulate_statistics(
+            batch,
+            result,
+            projector,
+            psi,
+            trans,
+            pixels,
+            stats,
+            mode="vdam",
+            class_offset_prior_angstrom=torch.zeros(k, 2, device=device),
+            pixel_size=args.pixel_size,
+            dense_threshold=dense_threshold,
+        )
+
+    # M-step statistics: per weighted row vs dense GEMMs, on the same E-step result
+    rows_seconds = _time(lambda: run_statistics(None), repeats=2)
+    dense_seconds_stats = _time(lambda: run_statistics(0.0), repeats=2)
+    samples = result.samples
+    groups = torch.unique(
+        (samples.particle_row * k + samples.class_index) * psi.n_fine
+        + samples.psi_fine_index
+    ).numel()
     return {
         "device": str(device)
         if device.type == "cpu"
@@ -169,6 +201,10 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
         "estep_fraction_of_matmul_same_shape": estep_flops / matmul_flops,
         "estep_fraction_of_dense_matmul": estep_flops / dense_flops,
         "peak_memory_mb": peak,
+        "statistics_density": groups / (b * k * psi.n_fine),
+        "statistics_rows_seconds": rows_seconds,
+        "statistics_dense_seconds": dense_seconds_stats,
+        "statistics_dense_speedup": rows_seconds / dense_seconds_stats,
     }
 
 
@@ -300,6 +336,18 @@ def main() -> None:
     estep.add_argument("--pixel-size", type=float, default=5.0)
     estep.add_argument("--current-size", type=int, default=0)
     estep.add_argument("--coarse-size", type=int, default=0)
+    estep.add_argument(
+        "--sigma2",
+        type=float,
+        default=0.05,
+        help="noise variance: small = converged (few significant poses), large = early",
+    )
+    estep.add_argument(
+        "--max-significant",
+        type=int,
+        default=0,
+        help="cap on significant samples per particle (0 = 5·k, -1 = none)",
+    )
     case = sub.add_parser("case")
     case.add_argument("--algorithm", choices=["vdam", "em"], default="vdam")
     case.add_argument("--iterations", type=int, default=0)

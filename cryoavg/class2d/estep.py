@@ -1020,6 +1020,147 @@ def expectation_step(
 # sufficient statistics
 
 
+#: Fraction of weighted (particle, class, ψ) combinations from which the statistics use
+#: dense GEMMs (:func:`_pixel_terms_dense`); measured break-even on CPU (see
+#: ``scripts/benchmark_class2d.py estep``).
+DENSE_STATISTICS_THRESHOLD = 0.25
+
+
+def _pixel_terms_dense(
+    batch: EStepBatch,
+    fine: _FineTables,
+    *,
+    rb: torch.Tensor,
+    ref_row: torch.Tensor,
+    trans_weight: torch.Tensor,
+    good: torch.Tensor,
+    s_ctf: torch.Tensor,
+    recon: torch.Tensor,
+    recon_weight: torch.Tensor,
+    n_classes: int,
+    n_psi: int,
+    noise_pixels: torch.Tensor,
+    max_chunk_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pixel statistics of :func:`accumulate_statistics` as dense GEMMs.
+
+    With ``R = k·r_f`` reference rows, ``T`` fine translations and the weights
+    ``W[b, R, T]`` scattered densely, every per-row sum becomes a matrix product over
+    the ``(particle, translation)`` columns ``Y[(b, t), p] = Z_b(p)·φ_t(p)``:
+
+    * reconstruction ``D[h, R] = Σ_{b∈h, t} W·(s·CTF/σ²·X_unmasked)·φ_t``,
+      weights ``Σ_{b∈h} (Σ_t W)·(s·CTF)²/σ²``;
+    * noise ``Σ_b (s·CTF)²·Σ_R (Σ_t W)·|P_R|² − 2·Re(conj(P_R)·Σ_{b,t} W·s·CTF·X_masked·φ_t)``
+      (added to ``noise_pixels`` per optics group);
+    * scale terms per particle ``xa_b = Σ_{R,t} W·Re Σ_p good·conj(P_R)·s·CTF·X·φ_t`` and
+      ``aa_b = Σ_R (Σ_t W)·Σ_p good·|P_R|²·(s·CTF)²``.
+
+    Parameters
+    ----------
+    batch
+        The E-step inputs (``b`` particles, ``p`` pixels).
+    fine
+        Fine tables (references ``(R, p)``, phases ``(T, 2p)``).
+    rb, ref_row
+        ``(n,)`` particle and reference row of each weighted (particle, class, ψ) group.
+    trans_weight
+        ``(n, T)`` translation weights of each group.
+    good
+        ``(k, p)`` 0/1 pixels used by the scale statistics.
+    s_ctf, recon, recon_weight
+        ``(b, p)`` s·CTF, s·CTF/σ²·X_unmasked (complex) and (s·CTF)²/σ².
+    n_classes, n_psi
+        ``k`` and ``r_f``.
+    noise_pixels
+        ``(g, p)`` float64 accumulator, updated in place.
+    max_chunk_bytes
+        Bound on the dense temporaries (chunks over particles).
+
+    Returns
+    -------
+    keys, data_rows, weight_rows, xa, aa
+        ``(u,)`` accumulator keys ``half·R + row`` with weight, ``(u, p)`` complex
+        and real row sums, and ``(b,)`` per-particle scale terms.
+    """
+    device = recon.device
+    rdtype = s_ctf.dtype
+    b, p = recon.shape
+    n_ref = n_classes * n_psi
+    n_t = trans_weight.shape[1]
+    phases_ri = fine.fine_phases_ri.view(n_t, p, 2)
+    phases = torch.view_as_complex(phases_ri)  # (T, p)
+    refs_ri = torch.view_as_real(fine.references).reshape(n_ref, 2 * p)  # (R, 2p)
+    good_rows = good.repeat_interleave(n_psi, dim=0)  # (R, p)
+    g_ri = (torch.view_as_real(fine.references) * good_rows[..., None]).reshape(
+        n_ref, 2 * p
+    )  # interleaved good·(Re P, Im P): Re(good·conj(P)·Y) = g_ri · y_ri
+    gp = fine.ref_power * good_rows  # (R, p)
+    half = (batch.index.to(device) % 2).to(torch.int64)  # (b,)
+    og = batch.optics_group.to(device)
+    xc = s_ctf * batch.images_masked_rfft  # (b, p) s·CTF·X_masked
+    data = torch.zeros((2, n_ref, 2 * p), dtype=rdtype, device=device)
+    weight = torch.zeros((2, n_ref, p), dtype=rdtype, device=device)
+    row_weight = torch.zeros((2, n_ref), dtype=torch.float64, device=device)
+    xa = torch.zeros(b, dtype=rdtype, device=device)
+    aa = torch.zeros(b, dtype=rdtype, device=device)
+    per_particle = 4 * (n_ref * n_t * 3 + n_t * p * 2 * 3)
+    step = max(1, min(b, max_chunk_bytes // max(1, per_particle)))
+    for b0 in range(0, b, step):
+        b1 = min(b, b0 + step)
+        c = b1 - b0
+        inside = (rb >= b0) & (rb < b1)
+        w = torch.zeros((c, n_ref, n_t), dtype=rdtype, device=device)
+        w[rb[inside] - b0, ref_row[inside]] = trans_weight[inside]
+        w_row = w.sum(2)  # (c, R)
+        w_cols = w.permute(1, 0, 2).reshape(n_ref, c * n_t)  # (R, c·T)
+        y_recon = torch.view_as_real(recon[b0:b1, None, :] * phases).reshape(
+            c * n_t, 2 * p
+        )
+        y_masked = torch.view_as_real(xc[b0:b1, None, :] * phases).reshape(
+            c * n_t, 2 * p
+        )
+        hb = half[b0:b1]
+        for h in (0, 1):
+            in_half = (hb == h).to(rdtype)  # (c,)
+            if not bool(in_half.any()):
+                continue
+            cols = (w * in_half[:, None, None]).permute(1, 0, 2).reshape(n_ref, -1)
+            data[h] += cols @ y_recon
+            rows_h = w_row * in_half[:, None]  # (c, R)
+            weight[h] += rows_h.T @ recon_weight[b0:b1]
+            row_weight[h] += rows_h.sum(0, dtype=torch.float64)
+        # noise: Σ_b (s·CTF)²·(w_row @ |P|²) − 2·Re(conj(P)·Σ W·s·CTF·X·φ)
+        ctf2 = s_ctf[b0:b1].square()  # (c, p)
+        model_power = (w_row @ fine.ref_power) * ctf2  # (c, p)
+        ogc = og[b0:b1]
+        for g in torch.unique(ogc).tolist():
+            sel = ogc == g
+            cols = (
+                w_cols
+                if bool(sel.all())
+                else (
+                    (w * sel.to(rdtype)[:, None, None])
+                    .permute(1, 0, 2)
+                    .reshape(n_ref, -1)
+                )
+            )
+            z = (cols @ y_masked).view(n_ref, p, 2)  # Σ W·s·CTF·X·φ (R, p) re/im
+            cross = (z * refs_ri.view(n_ref, p, 2)).sum(-1).sum(0)  # (p,) Re(conj(P)·z)
+            noise_pixels[g] += model_power[sel].sum(
+                0, dtype=torch.float64
+            ) - 2.0 * cross.to(torch.float64)
+        # scale: xa_b = Σ_{R,t} W·Re(good·conj(P)·Y), aa_b = Σ_R w_row·(good·|P|² @ ctf²)
+        corr = (g_ri @ y_masked.T).view(n_ref, c, n_t)  # (R, c, T)
+        xa[b0:b1] = (w * corr.permute(1, 0, 2)).sum((1, 2))
+        aa[b0:b1] = (w_row * (ctf2 @ gp.T)).sum(1)
+    keys = torch.nonzero(row_weight.reshape(-1) > 0).squeeze(-1)  # (u,) half·R + row
+    data_rows = torch.view_as_complex(
+        data.view(2 * n_ref, p, 2).index_select(0, keys).contiguous()
+    )
+    weight_rows = weight.view(2 * n_ref, p).index_select(0, keys)
+    return keys, data_rows, weight_rows, xa, aa
+
+
 def accumulate_statistics(
     batch: EStepBatch,
     result: EStepResult,
@@ -1034,6 +1175,7 @@ def accumulate_statistics(
     pixel_size: float,
     ssnr: torch.Tensor | None = None,
     max_chunk_bytes: int = 1 << 28,
+    dense_threshold: float | None = DENSE_STATISTICS_THRESHOLD,
 ) -> Class2DStatistics:
     """Add a batch's contribution to the sufficient statistics (spec §A.6.6), in place.
 
@@ -1076,6 +1218,11 @@ def accumulate_statistics(
         pixels.
     max_chunk_bytes
         Approximate bound on temporary memory per chunk.
+    dense_threshold
+        When at least this fraction of all (particle, class, ψ) combinations carries
+        weight, the per-pixel sums are computed as dense GEMMs over
+        (particle × translation) columns (:func:`_pixel_terms_dense`) instead of per
+        weighted row; ``None`` = always per row. Both give the same sums.
 
     Returns
     -------
@@ -1158,35 +1305,65 @@ def accumulate_statistics(
     recon_weight = s_ctf * ctf_over_sigma2  # (s·CTF)²/σ²
     xm = batch.images_masked_rfft
     noise_pixels = torch.zeros((n_og, n_cur), dtype=torch.float64, device=device)
-    xa = torch.empty(n_rows, dtype=rdtype, device=device)
-    aa = torch.empty(n_rows, dtype=rdtype, device=device)
-    # chunks of ~1 MiB per (c, p) complex temporary
-    step = _rows_per_chunk(n_cur * 8 * 16, min(max_chunk_bytes, 1 << 24), n_rows)
-    for i in range(0, n_rows, step):
-        sl = slice(i, i + step)
-        rr = rb[sl]
-        c = rr.shape[0]
-        shift_sum = torch.view_as_complex(
-            (wt[sl] @ fine.fine_phases_ri).view(c, n_cur, 2)
-        )  # (c, p) Σ_t w·φ_t
-        ref = fine.references.index_select(0, ref_row[sl])  # (c, p) P
-        cb = s_ctf.index_select(0, rr)  # (c, p)
-        # Σ_t w·Re(conj(s·CTF·P)·X·φ_t) and Σ_t w·|s·CTF·P|² per pixel
-        cross = (ref.conj() * (xm.index_select(0, rr) * shift_sum)).real * cb
-        mpow = fine.ref_power.index_select(0, ref_row[sl]) * (cb * cb) * w_row[sl, None]
-        contrib = mpow - 2.0 * cross
-        if n_og == 1:
-            noise_pixels[0] += contrib.sum(0, dtype=torch.float64)
-        else:
-            noise_pixels.index_add_(0, og[rr], contrib.to(torch.float64))
-        scale_terms = torch.stack([cross, mpow]) @ good.T  # (2, c, k)
-        picked = scale_terms[:, torch.arange(c, device=device), rk[sl]]  # (2, c)
-        xa[sl] = picked[0]
-        aa[sl] = picked[1]
-        data_rows.index_add_(0, slot[sl], recon.index_select(0, rr) * shift_sum)
-        weight_rows.index_add_(
-            0, slot[sl], recon_weight.index_select(0, rr) * w_row[sl, None]
+    density = n_rows / max(1, b * k * r_f)
+    if dense_threshold is not None and density >= dense_threshold:
+        # most (particle, class, ψ) combinations carry weight (early iterations): the
+        # same sums as dense GEMMs over (particle, translation) columns
+        dense = _pixel_terms_dense(
+            batch,
+            fine,
+            rb=rb,
+            ref_row=ref_row,
+            trans_weight=wt,
+            good=good,
+            s_ctf=s_ctf,
+            recon=recon,
+            recon_weight=recon_weight,
+            n_classes=k,
+            n_psi=r_f,
+            noise_pixels=noise_pixels,
+            max_chunk_bytes=max_chunk_bytes,
         )
+        keys, data_rows, weight_rows, xa_particle, aa_particle = dense
+        key_class = (keys // r_f) % k
+        key_psi = keys % r_f
+        scale_rows = torch.arange(b, device=device)
+        xa, aa = xa_particle, aa_particle
+    else:
+        scale_rows = rb
+        xa = torch.empty(n_rows, dtype=rdtype, device=device)
+        aa = torch.empty(n_rows, dtype=rdtype, device=device)
+        # chunks of ~1 MiB per (c, p) complex temporary
+        step = _rows_per_chunk(n_cur * 8 * 16, min(max_chunk_bytes, 1 << 24), n_rows)
+        for i in range(0, n_rows, step):
+            sl = slice(i, i + step)
+            rr = rb[sl]
+            c = rr.shape[0]
+            shift_sum = torch.view_as_complex(
+                (wt[sl] @ fine.fine_phases_ri).view(c, n_cur, 2)
+            )  # (c, p) Σ_t w·φ_t
+            ref = fine.references.index_select(0, ref_row[sl])  # (c, p) P
+            cb = s_ctf.index_select(0, rr)  # (c, p)
+            # Σ_t w·Re(conj(s·CTF·P)·X·φ_t) and Σ_t w·|s·CTF·P|² per pixel
+            cross = (ref.conj() * (xm.index_select(0, rr) * shift_sum)).real * cb
+            mpow = (
+                fine.ref_power.index_select(0, ref_row[sl])
+                * (cb * cb)
+                * w_row[sl, None]
+            )
+            contrib = mpow - 2.0 * cross
+            if n_og == 1:
+                noise_pixels[0] += contrib.sum(0, dtype=torch.float64)
+            else:
+                noise_pixels.index_add_(0, og[rr], contrib.to(torch.float64))
+            scale_terms = torch.stack([cross, mpow]) @ good.T  # (2, c, k)
+            picked = scale_terms[:, torch.arange(c, device=device), rk[sl]]  # (2, c)
+            xa[sl] = picked[0]
+            aa[sl] = picked[1]
+            data_rows.index_add_(0, slot[sl], recon.index_select(0, rr) * shift_sum)
+            weight_rows.index_add_(
+                0, slot[sl], recon_weight.index_select(0, rr) * w_row[sl, None]
+            )
     # pose-independent Σ w·|X_masked|² once per particle
     w_particle = torch.zeros(b, dtype=torch.float64, device=device).index_add_(
         0, rows, w
@@ -1197,8 +1374,8 @@ def accumulate_statistics(
         (n_og, n_shells), dtype=torch.float64, device=device
     ).index_add_(1, ires, noise_pixels)
     stats.noise_power.add_(noise_shells.to(acc))
-    s64 = batch.scale.to(torch.float64)[rb]
-    grp = batch.group.to(device)[rb]
+    s64 = batch.scale.to(torch.float64)[scale_rows]
+    grp = batch.group.to(device)[scale_rows]
     stats.scale_xa.index_add_(0, grp, (xa.to(torch.float64) / s64).to(acc))
     stats.scale_aa.index_add_(0, grp, (aa.to(torch.float64) / s64**2).to(acc))
     if mode == "vdam":

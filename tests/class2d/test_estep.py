@@ -449,6 +449,7 @@ def test_accumulate_many_particles_consistent(synthetic, grids):
         class_offset_prior_angstrom=torch.zeros(K, 2),
         pixel_size=1.0,
         max_chunk_bytes=2_000_000,
+        dense_threshold=None,
     )
     assert float(st.class_weight.sum()) == pytest.approx(float(res.weight_sum.sum()))
     assert float(st.weight_sum) == pytest.approx(float(res.weight_sum.sum()))
@@ -472,6 +473,38 @@ def test_accumulate_many_particles_consistent(synthetic, grids):
     )
     for name, value in st.as_dict().items():
         torch.testing.assert_close(value, st2.as_dict()[name], msg=name)
+    # the dense-GEMM form of the per-pixel sums gives the same statistics
+    st3 = Class2DStatistics.zeros(K, N, dtype=torch.float64)
+    accumulate_statistics(
+        syn.batch,
+        res,
+        proj,
+        psi,
+        trans,
+        ps,
+        st3,
+        mode="vdam",
+        class_offset_prior_angstrom=torch.zeros(K, 2),
+        pixel_size=1.0,
+        max_chunk_bytes=300_000,
+        dense_threshold=0.0,
+    )
+    st4 = Class2DStatistics.zeros(K, N, dtype=torch.float64)
+    accumulate_statistics(
+        syn.batch,
+        res,
+        proj,
+        psi,
+        trans,
+        ps,
+        st4,
+        mode="vdam",
+        class_offset_prior_angstrom=torch.zeros(K, 2),
+        pixel_size=1.0,
+        dense_threshold=None,
+    )
+    for name, value in st4.as_dict().items():
+        torch.testing.assert_close(st3.as_dict()[name], value, msg=name)
 
 
 # ------------------------------------------------------------------------------------
@@ -611,7 +644,8 @@ def _naive_estep_and_statistics(batch, proj, psi, trans, ps, *, opts, ssnr, mode
 
 
 @pytest.mark.parametrize("mode", ["vdam", "em"])
-def test_optimised_estep_matches_dense_reference(mode):
+@pytest.mark.parametrize("dense_threshold", [None, 0.0])
+def test_optimised_estep_matches_dense_reference(mode, dense_threshold):
     n = 24
     psi = PsiGrid.build(6.0, perturbation=0.3)
     trans = TranslationGrid.build(3.0, 1.0, perturbation=-0.2)
@@ -734,6 +768,7 @@ def test_optimised_estep_matches_dense_reference(mode):
         pixel_size=opts["pixel_size"],
         ssnr=ssnr,
         max_chunk_bytes=50_000,  # several chunks everywhere
+        dense_threshold=dense_threshold,  # per-row sums, or dense GEMMs
     )
     torch.testing.assert_close(st.noise_power, ref_stats["noise"])
     torch.testing.assert_close(st.scale_xa, ref_stats["xa"])
