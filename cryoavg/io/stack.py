@@ -1,4 +1,4 @@
-"""Lazy, memory-mapped access to the particle images of many MRC stacks.
+"""Lazy access to the particle images of many MRC stacks (positioned reads).
 
 Conventions
 -----------
@@ -8,10 +8,12 @@ Conventions
   requested order.
 * Every stack header is read and validated when the source is built (existence, MRC
   validity, truncation, one common square box size, indices within the stack,
-  ``rlnImageSize`` of the optics groups). Image data is memory-mapped and read only
-  when indexed; a batch is read stack by stack. At most ``max_open_stacks`` stacks
-  are kept mapped at a time (least recently used are released), so projects with
-  thousands of micrograph stacks do not run out of file handles.
+  ``rlnImageSize`` of the optics groups). Image data is read only when indexed, stack
+  by stack, with positioned reads (``os.pread``) of runs of nearby images — not
+  memory maps, whose pages would stay resident and make the process grow with the
+  amount of data read. At most ``max_open_stacks`` files are kept open at a time
+  (least recently used are closed), so projects with thousands of micrograph stacks
+  do not run out of file handles.
 * Every read is checked for NaN/Inf (one ``np.isfinite`` pass over the batch).
 * ``preread=True`` reads all images into RAM up front (n·h·w·4 bytes).
 * Sources pickle without their open maps, so DataLoader workers (fork or spawn) work.
@@ -23,6 +25,7 @@ Example
 >>> batch = source[np.array([10, 3, 7])]  # (3, box, box) float32  # doctest: +SKIP
 """
 
+import contextlib
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -32,16 +35,18 @@ from typing import Any
 import numpy as np
 
 from cryoavg.errors import InputError
-from cryoavg.io.mrc import MrcHeaderInfo, open_stack, read_mrc_header
+from cryoavg.io.mrc import MrcHeaderInfo, read_mrc_header
 from cryoavg.io.particles import ParticleTable
 
 __all__ = ["ImageSource"]
 
 DEFAULT_MAX_OPEN_STACKS = 256
+#: Sections skipped inside one read rather than issuing a second read.
+MAX_READ_GAP = 8
 
 
 class ImageSource:
-    """Particle images from one or many MRC stacks, read lazily through memory maps.
+    """Particle images from one or many MRC stacks, read lazily, batch by batch.
 
     Parameters
     ----------
@@ -59,7 +64,7 @@ class ImageSource:
     preread
         Read all images into memory now.
     max_open_stacks
-        Maximum number of stacks kept memory-mapped at the same time.
+        Maximum number of stack files kept open at the same time.
 
     Raises
     ------
@@ -94,7 +99,7 @@ class ImageSource:
         )
         self._star_path = None if star_path is None else Path(star_path)
         self._max_open = max(1, int(max_open_stacks))
-        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._open: OrderedDict[int, int] = OrderedDict()  # stack -> file descriptor
         self._headers = [read_mrc_header(p) for p in self._paths]
         self._box = self._check_box_sizes()
         self._check_sections()
@@ -123,7 +128,7 @@ class ImageSource:
         preread
             Read all images into memory now.
         max_open_stacks
-            Maximum number of stacks kept memory-mapped at the same time.
+            Maximum number of stack files kept open at the same time.
 
         Returns
         -------
@@ -273,16 +278,53 @@ class ImageSource:
             self._preread = self._read(np.arange(len(self)))
             self.close()
 
-    def _stack_data(self, stack: int) -> np.ndarray:
-        data = self._open.get(stack)
-        if data is not None:
+    def _file(self, stack: int) -> int:
+        """An open file descriptor of a stack (LRU-bounded)."""
+        fd = self._open.get(stack)
+        if fd is not None:
             self._open.move_to_end(stack)
-            return data
-        data = open_stack(self._paths[stack])
-        self._open[stack] = data
+            return fd
+        try:
+            fd = os.open(self._paths[stack], os.O_RDONLY)
+        except OSError as err:
+            raise InputError(
+                self._paths[stack], f"cannot open the stack ({err.strerror})"
+            ) from err
+        self._open[stack] = fd
         while len(self._open) > self._max_open:
-            self._open.popitem(last=False)
-        return data
+            _, old = self._open.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def _read_sections(self, stack: int, sections: np.ndarray) -> np.ndarray:
+        """Sections of one stack, in the given order, by positioned reads.
+
+        Runs of nearby sections (gaps of up to :data:`MAX_READ_GAP` images) are read
+        with one ``pread`` each. Unlike a memory map, nothing stays resident after the
+        call, so the process memory is bounded by the batch, not by the data read.
+        """
+        header = self._headers[stack]
+        per_image = header.ny * header.nx * header.dtype.itemsize
+        wanted, inverse = np.unique(sections, return_inverse=True)
+        out = np.empty((wanted.size, header.ny, header.nx), dtype=np.float32)
+        breaks = np.flatnonzero(np.diff(wanted) > MAX_READ_GAP + 1) + 1
+        fd = self._file(stack)
+        for run in np.split(np.arange(wanted.size), breaks):
+            first, last = int(wanted[run[0]]), int(wanted[run[-1]])
+            n_bytes = (last - first + 1) * per_image
+            offset = header.data_offset_bytes + first * per_image
+            data = os.pread(fd, n_bytes, offset)
+            if len(data) != n_bytes:
+                raise InputError(
+                    self._paths[stack],
+                    f"file ended while reading images {first + 1}-{last + 1} "
+                    "(truncated since it was opened?)",
+                )
+            block = np.frombuffer(data, dtype=header.dtype).reshape(
+                last - first + 1, header.ny, header.nx
+            )
+            out[run] = block[wanted[run] - first]
+        return out[inverse]
 
     def _read(self, particles: np.ndarray) -> np.ndarray:
         """Read images of the given particle indices into a new float32 array."""
@@ -297,7 +339,7 @@ class ImageSource:
             stack = int(stacks[positions[0]])
             wanted = sections[positions]
             try:
-                out[positions] = self._stack_data(stack)[wanted]
+                out[positions] = self._read_sections(stack, wanted)
             except OSError as err:  # I/O error on a network file system, etc.
                 raise InputError(
                     self._paths[stack], f"cannot read images ({err})"
@@ -390,8 +432,14 @@ class ImageSource:
     # ---------------------------------------------------------------- resources
 
     def close(self) -> None:
-        """Release all memory maps (they are reopened on the next read)."""
-        self._open.clear()
+        """Close all open stack files (they are reopened on the next read)."""
+        while self._open:
+            _, fd = self._open.popitem()
+            os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     def __enter__(self) -> "ImageSource":
         return self

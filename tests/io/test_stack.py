@@ -173,3 +173,30 @@ def test_plain_image_name_is_a_single_image(tmp_path):
     write_star(tmp_path / "one.star", {"particles": particles})
     source = ImageSource.from_table(read_particles(tmp_path / "one.star"))
     np.testing.assert_array_equal(source[0], image)
+
+
+@pytest.mark.parametrize("mode_dtype", [np.float32, np.int16, np.float16])
+def test_positioned_reads_with_gaps_and_repeats(tmp_path, mode_dtype):
+    """Runs of nearby sections, far jumps and repeats all come back in order."""
+    rng = np.random.default_rng(5)
+    stack = (rng.normal(size=(60, 8, 8)) * 100).astype(mode_dtype)
+    path = tmp_path / "s.mrcs"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(stack)
+        mrc.header.ispg = 0
+    source = ImageSource.from_stack(path)
+    order = np.array([59, 0, 1, 2, 3, 40, 12, 12, 30, 31, 58, 5])
+    np.testing.assert_array_equal(source[order], stack[order].astype(np.float32))
+
+
+def test_stack_truncated_after_opening_is_reported(tmp_path):
+    path = tmp_path / "s.mrcs"
+    write_mrc(path, np.ones((10, 8, 8), np.float32), 1.0, is_stack=True)
+    source = ImageSource.from_stack(path)
+    np.testing.assert_array_equal(source[9], np.ones((8, 8), np.float32))
+    source.close()
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.truncate(size - 8 * 8 * 4 * 3)
+    with pytest.raises(InputError, match="file ended while reading"):
+        source[np.array([8, 9])]
