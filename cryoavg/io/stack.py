@@ -429,6 +429,39 @@ class ImageSource:
             batch = self._read(particles)
         return batch[0] if scalar else batch
 
+    def relocate(self, paths: Sequence[str | os.PathLike[str]]) -> None:
+        """Read the stacks from other files with the same content (e.g. scratch copies).
+
+        Parameters
+        ----------
+        paths
+            One path per stack of :attr:`stack_paths`, in the same order.
+
+        Raises
+        ------
+        InputError
+            A new file's header differs from the original's (size, mode, sections).
+        """
+        new_paths = [Path(p) for p in paths]
+        if len(new_paths) != len(self._paths):
+            raise ValueError(
+                f"relocate needs {len(self._paths)} paths, got {len(new_paths)}"
+            )
+        headers = [read_mrc_header(p) for p in new_paths]
+        for old, new in zip(self._headers, headers, strict=True):
+            same = (old.nx, old.ny, old.nz, old.mode, old.data_offset_bytes) == (
+                new.nx,
+                new.ny,
+                new.nz,
+                new.mode,
+                new.data_offset_bytes,
+            )
+            if not same:
+                raise InputError(new.path, f"is not a copy of {old.path}")
+        self.close()
+        self._paths = new_paths
+        self._headers = headers
+
     # ---------------------------------------------------------------- resources
 
     def close(self) -> None:
