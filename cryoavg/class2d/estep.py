@@ -1020,10 +1020,18 @@ def expectation_step(
 # sufficient statistics
 
 
-#: Fraction of weighted (particle, class, ψ) combinations from which the statistics use
-#: dense GEMMs (:func:`_pixel_terms_dense`); measured break-even on CPU (see
-#: ``scripts/benchmark_class2d.py estep``).
-DENSE_STATISTICS_THRESHOLD = 0.25
+#: Cost model of the two forms of the per-pixel statistics, calibrated on CPU with
+#: ``scripts/benchmark_class2d.py estep`` (per pixel, in units of one dense multiply-add):
+#: per weighted row ``2.5·T + 85`` (gathers, scatters, elementwise passes), dense
+#: ``T`` per (particle, reference row). The dense form is used when
+#: ``density · (2.5·T + 85) > DENSE_STATISTICS_THRESHOLD · T``, i.e. from a density of
+#: about 0.05 (T = 4 translations) to 0.3 (T = 84).
+DENSE_STATISTICS_THRESHOLD = 1.0
+
+
+def _prefer_dense(density: float, n_translations: int, threshold: float) -> bool:
+    """Whether the dense-GEMM statistics are cheaper at this density (see above)."""
+    return density * (2.5 * n_translations + 85.0) > threshold * n_translations
 
 
 def _pixel_terms_dense(
@@ -1219,10 +1227,10 @@ def accumulate_statistics(
     max_chunk_bytes
         Approximate bound on temporary memory per chunk.
     dense_threshold
-        When at least this fraction of all (particle, class, ψ) combinations carries
-        weight, the per-pixel sums are computed as dense GEMMs over
-        (particle × translation) columns (:func:`_pixel_terms_dense`) instead of per
-        weighted row; ``None`` = always per row. Both give the same sums.
+        Compute the per-pixel sums as dense GEMMs over (particle × translation)
+        columns (:func:`_pixel_terms_dense`) instead of per weighted row when the cost
+        model says so (:data:`DENSE_STATISTICS_THRESHOLD`; 0 = always dense);
+        ``None`` = always per row. Both give the same sums.
 
     Returns
     -------
@@ -1306,7 +1314,7 @@ def accumulate_statistics(
     xm = batch.images_masked_rfft
     noise_pixels = torch.zeros((n_og, n_cur), dtype=torch.float64, device=device)
     density = n_rows / max(1, b * k * r_f)
-    if dense_threshold is not None and density >= dense_threshold:
+    if dense_threshold is not None and _prefer_dense(density, t_f, dense_threshold):
         # most (particle, class, ψ) combinations carry weight (early iterations): the
         # same sums as dense GEMMs over (particle, translation) columns
         dense = _pixel_terms_dense(
