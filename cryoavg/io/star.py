@@ -34,7 +34,7 @@ Example
 
 import numbers
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,12 @@ def read_star(path: str | os.PathLike[str]) -> dict[str, StarBlock]:
         if isinstance(block, pd.DataFrame):
             block = block.reset_index(drop=True)
             block.columns = [str(column) for column in block.columns]
+            duplicated = sorted(set(block.columns[block.columns.duplicated()]))
+            if duplicated:
+                raise InputError(
+                    star_path,
+                    f"data_{name}: label(s) {', '.join(duplicated)} appear twice",
+                )
         result[str(name)] = block
     return result
 
@@ -401,17 +407,23 @@ def _format_column(column: pd.Series) -> list[str]:
     return [format_value(v).rjust(_LOOP_VALUE_WIDTH) for v in column.tolist()]
 
 
-def _format_loop(name: str, table: pd.DataFrame, lines: list[str]) -> None:
-    lines.append("loop_ ")
-    lines.extend(f"_{label} #{i} " for i, label in enumerate(table.columns, start=1))
-    columns = []
-    for label in table.columns:
-        try:
-            columns.append(_format_column(table[label]))
-        except ValueError as err:
-            raise ValueError(f"data_{name}, {label}: {err}") from err
-    lines.extend(" ".join(row) + " " for row in zip(*columns, strict=True))
-    lines.append(" ")
+#: Rows formatted at a time: bounds the memory of writing very large tables.
+_LOOP_CHUNK_ROWS = 20_000
+
+
+def _format_loop(name: str, table: pd.DataFrame) -> Iterator[str]:
+    yield "loop_ "
+    yield from (f"_{label} #{i} " for i, label in enumerate(table.columns, start=1))
+    for start in range(0, table.shape[0], _LOOP_CHUNK_ROWS):
+        chunk = table.iloc[start : start + _LOOP_CHUNK_ROWS]
+        columns = []
+        for label in chunk.columns:
+            try:
+                columns.append(_format_column(chunk[label]))
+            except ValueError as err:
+                raise ValueError(f"data_{name}, {label}: {err}") from err
+        yield from (" ".join(row) + " " for row in zip(*columns, strict=True))
+    yield " "
 
 
 def _format_list(name: str, values: Mapping[str, Any], lines: list[str]) -> None:
@@ -465,12 +477,24 @@ def format_star(
         A block is not a DataFrame or mapping, or a value cannot be written (missing
         value in a non-float column, string with a line break).
     """
-    lines: list[str] = []
+    return (
+        "\n".join(_star_lines(blocks, version=version, header_comments=header_comments))
+        + "\n"
+    )
+
+
+def _star_lines(
+    blocks: Mapping[str, StarBlock],
+    *,
+    version: int,
+    header_comments: Iterable[str] | None,
+) -> Iterator[str]:
+    """The lines of :func:`format_star`, generated block by block (and row chunk)."""
     for comment in header_comments or ():
         text = str(comment)
         if "\n" in text:
             raise ValueError("header comments cannot contain line breaks")
-        lines.append(text if text.startswith("#") else f"# {text}")
+        yield text if text.startswith("#") else f"# {text}"
     for name, block in blocks.items():
         if not isinstance(block, pd.DataFrame | Mapping):
             raise ValueError(
@@ -479,17 +503,18 @@ def format_star(
             )
         if _is_empty(block):
             continue
-        lines.append("")
+        yield ""
         if version >= 30000:
-            lines.append(f"# version {version}")
-            lines.append("")
-        lines.append(f"data_{name}")
-        lines.append("")
+            yield f"# version {version}"
+            yield ""
+        yield f"data_{name}"
+        yield ""
         if isinstance(block, pd.DataFrame):
-            _format_loop(name, block, lines)
+            yield from _format_loop(name, block)
         else:
+            lines: list[str] = []
             _format_list(name, block, lines)
-    return "\n".join(lines) + "\n"
+            yield from lines
 
 
 def write_star(
@@ -519,6 +544,10 @@ def write_star(
     ValueError
         A value cannot be represented in a STAR file.
     """
-    text = format_star(blocks, version=version, header_comments=header_comments)
+    # formatted and written in pieces, so that huge tables never exist as one string;
+    # a formatting error leaves no file (atomic_write removes the temporary file)
+    lines = _star_lines(blocks, version=version, header_comments=header_comments)
     with atomic_write(path) as handle:
-        handle.write(text)
+        for line in lines:
+            handle.write(line)
+            handle.write("\n")
