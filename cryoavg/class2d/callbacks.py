@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from cryoavg.class2d.export import IterationChanges, SamplingInfo, write_iteration
 from cryoavg.class2d.gallery import class_gallery_image, write_class_gallery_png
 from cryoavg.class2d.mstep import estimated_resolution_angstrom
+from cryoavg.io.atomic import atomic_path
 from cryoavg.io.particles import ParticleTable
 
 log = logging.getLogger("cryoavg")
@@ -107,7 +108,14 @@ class RelionWriter(Checkpoint):
             if self.write_tensorboard and trainer.logger is not None:
                 self._log_images(trainer, pl_module, iteration)
         if self.checkpoint_path is not None and iteration > 0:
-            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
+            if trainer.is_global_zero:
+                # Lightning's own "atomic" save moves a temporary file from the system
+                # temp directory: a copy, not a rename, across file systems, and not
+                # fsync-ed. Publish it with our write-fsync-rename instead.
+                with atomic_path(self.checkpoint_path) as temp:
+                    trainer.save_checkpoint(temp, weights_only=False)
+            else:  # the other ranks take part in the collective save, rank 0 writes
+                trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
         trainer.strategy.barrier("relion_writer")
         self.written.append(iteration)
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cryoavg.class2d.accuracy import expected_accuracies
 from cryoavg.class2d.estep import accumulate_statistics, expectation_step
+from cryoavg.class2d.guards import check_class_images, check_particle_values
 from cryoavg.class2d.init import initialise_state
 from cryoavg.class2d.optim import EmOptimizer, StepReport, VdamOptimizer
 from cryoavg.class2d.preprocess import ctf_images, prepare_estep_batch
@@ -493,6 +494,16 @@ class Class2DModule(lightning.LightningModule):
             adaptive_fraction=settings.adaptive_fraction,
             avg_norm=float(state.avg_norm),
         )
+        check_particle_values(
+            {
+                "log-likelihood": result.log_likelihood,
+                "norm correction": result.norm_correction,
+                "offset": result.best_offset_px,
+            },
+            index,
+            names=lambda: self.particles.table.image_names,
+            iteration=self.iteration,
+        )
         accumulate_statistics(
             estep_batch,
             result,
@@ -545,6 +556,7 @@ class Class2DModule(lightning.LightningModule):
         optimizer = self.optimizers()
         inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         self.last_report = inner.step(stats=stats, iteration=iteration)
+        check_class_images(self.state.class_images.detach(), iteration=iteration)
         self.completed_iteration.fill_(iteration)
         self.last_changes = self._changes(
             rows, previous_class, previous_psi, previous_offset

@@ -11,6 +11,7 @@
 
 import contextlib
 import logging
+import math
 import os
 import re
 import shlex
@@ -191,3 +192,79 @@ def _fail(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
     raise SystemExit(2)
+
+
+#: what :func:`check_config_types` accepts for each kind of value
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+
+
+def _converts(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return False  # a list, a dict, None, or true/false where a number is due
+    if kind is str:
+        return True
+    try:
+        number = float(value)
+    except ValueError:
+        return False
+    if kind is int:
+        return math.isfinite(number) and number == int(number) and abs(number) < 2**62
+    return not math.isnan(number)
+
+
+def check_config_types(
+    cfg: DictConfig, kinds: dict[str, type], *, optional: tuple[str, ...] = ()
+) -> None:
+    """Raise :class:`ConfigError` naming the first key whose value has the wrong type.
+
+    Parameters
+    ----------
+    cfg
+        The composed job config.
+    kinds
+        Key (dotted for nested keys) -> ``int``, ``float``, ``bool`` or ``str``.
+    optional
+        Keys that may also be ``null``.
+    """
+    for key, kind in kinds.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and key in optional:
+            continue
+        if not _converts(value, kind):
+            shown = value if not isinstance(value, str) else repr(value)
+            raise ConfigError(f"{key}={shown}: expected {_KIND_NAMES[kind]}")
+
+
+def check_overrides(job: str, overrides: list[str]) -> None:
+    """Compose ``configs/<job>.yaml`` with the command line's overrides before Hydra does.
+
+    Hydra reports a bad override (an unknown key, a missing config group option, a syntax
+    error) with several lines and exit status 1; this reports it as every other user error:
+    one line ``error: ...`` and exit status 2. Command lines with Hydra flags (``--help``,
+    ``--cfg``, ``-m``) and jobs without a primary config are left to Hydra.
+    """
+    from cryoavg.cli._configs import config_dir
+
+    if any(arg.startswith("-") for arg in overrides):
+        return
+    directory = Path(config_dir())
+    if not (directory / f"{job}.yaml").is_file():
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
+            compose(
+                config_name=job,
+                overrides=[arg for arg in overrides if "=" in arg or arg[:1] == "~"],
+                return_hydra_config=True,
+            )
+    except (HydraException, OmegaConfBaseException, ValueError, TypeError) as err:
+        # Hydra raises a bare ValueError or TypeError for a config group given a
+        # number or a list of numbers (``trainer=-1``, ``trainer=[1,2]``, ``~trainer=1``)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        text = "; ".join(lines[:2]) if lines else type(err).__name__
+        _fail(str(ConfigError(f"bad command line: {text}")))

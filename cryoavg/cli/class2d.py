@@ -29,12 +29,75 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cryoavg.cli._configs import config_dir
-from cryoavg.cli._jobs import command_line, job_directory, run_job
+from cryoavg.cli._jobs import (
+    check_config_types,
+    job_directory,
+    run_job,
+)
 from cryoavg.errors import ConfigError, InputError
 from cryoavg.io.particles import ParticleTable, read_particles
 from cryoavg.io.stack import ImageSource
 
 log = logging.getLogger("cryoavg")
+
+#: the type of every scalar key (checked first: one clear line for classes=abc)
+CONFIG_TYPES: dict[str, type] = {
+    **dict.fromkeys(
+        ("classes", "iterations", "seed", "write_every", "max_significant"), int
+    ),
+    **dict.fromkeys(("grad_ini_subset", "grad_fin_subset", "data.chunk_size"), int),
+    **dict.fromkeys(("data.num_workers",), int),
+    **dict.fromkeys(
+        (
+            "tau2_fudge",
+            "mask_diameter",
+            "highres_limit",
+            "psi_step",
+            "offset_range",
+            "offset_step",
+            "class_inactivity_threshold",
+            "pixel_size",
+        ),
+        float,
+    ),
+    **dict.fromkeys(
+        (
+            "zero_mask",
+            "flatten_solvent",
+            "center_classes",
+            "ctf",
+            "ctf_intact_first_peak",
+            "norm",
+            "scale",
+            "preread",
+            "logger.enabled",
+        ),
+        bool,
+    ),
+    **dict.fromkeys(
+        (
+            "algorithm",
+            "particles",
+            "output",
+            "continue_from",
+            "project_dir",
+            "scratch_dir",
+        ),
+        str,
+    ),
+}
+OPTIONAL_KEYS = (
+    "max_significant",
+    "grad_ini_subset",
+    "grad_fin_subset",
+    "mask_diameter",
+    "pixel_size",
+    "particles",
+    "output",
+    "continue_from",
+    "project_dir",
+    "scratch_dir",
+)
 
 DEMO = {"n_particles": 2000, "box": 64, "junk_fraction": 0.2, "snr": 0.1, "seed": 1}
 
@@ -42,6 +105,8 @@ DEMO = {"n_particles": 2000, "box": 64, "junk_fraction": 0.2, "snr": 0.1, "seed"
 def settings_from_config(cfg: DictConfig):
     """Build :class:`~cryoavg.class2d.settings.Class2DSettings` from the job config."""
     from cryoavg.class2d.settings import Class2DSettings
+
+    check_config_types(cfg, CONFIG_TYPES, optional=OPTIONAL_KEYS)
 
     def optional_int(value: Any) -> int | None:
         return None if value is None else int(value)
@@ -313,6 +378,19 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         settings.n_iterations = int(cfg.iterations)
         settings.write_every = int(cfg.write_every)
         settings.validate()
+    if continuation is None and particles_star is not None:
+        # validation at the door: every problem of the STAR file and the stack headers
+        # in one error, before the job directory exists
+        from cryoavg.io.validate import validate_particles
+
+        validate_particles(
+            particles_star,
+            ctf=settings.do_ctf,
+            pixel_size_angstrom=None
+            if cfg.pixel_size is None
+            else float(cfg.pixel_size),
+            project_dir=project_dir,
+        )
     output = cfg.output
     if output is None and continue_from is not None:
         output = str(continue_from.parent)
@@ -351,6 +429,14 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 f"{table.path} has {table.n_particles}",
             )
         source = ImageSource.from_table(table, preread=settings.preread_images)
+        if cfg.get("scratch_dir") and not settings.preread_images:
+            from cryoavg.io.scratch import scratch_copies
+
+            source.relocate(
+                context.enter_context(
+                    scratch_copies(source.stack_paths, cfg.scratch_dir)
+                )
+            )
         info = data_info(table, source, settings)
 
         import lightning
@@ -407,10 +493,21 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             # RELION §B.7: continuing into the same directory writes run_ctCCC_itNNN_*
             # so the files of the first run are never overwritten
             root = job_dir / f"run_ct{start_iteration:03d}"
+        from cryoavg.class2d.export import relion_command_line
+
+        # the optimiser.star header holds the relion_refine arguments (§B.5): RELION and
+        # read_iteration take the sampling steps (and --offset, --preread_images) from it
+        # when there is no _sampling.star, as after iteration 0
+        relion_args = relion_command_line(
+            settings,
+            output_root=str(root),
+            input_star=None if continuation is not None else str(table.path),
+            continue_from=None if continuation is None else str(continue_from),
+        )
         writer = RelionWriter(
             root,
             table,
-            command_line(),
+            " ".join(relion_args) + " ",
             write_tensorboard=bool(cfg.logger.enabled),
             checkpoint_path=job_dir / "last.ckpt",
         )

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from cryoavg.cli._configs import config_dir
-from cryoavg.cli._jobs import run_job
+from cryoavg.cli._jobs import check_config_types, run_job
 from cryoavg.errors import ConfigError, InputError
 from cryoavg.io.mrc import write_mrc
 from cryoavg.localsym.apply import (
@@ -524,6 +524,100 @@ _RUNNERS = {
 }
 
 
+#: the type of every scalar key (checked first: one clear line for ang_step=abc)
+CONFIG_TYPES: dict[str, type] = {
+    **dict.fromkeys(
+        (
+            "width",
+            "bin",
+            "max_candidates_written",
+            "max_samples_per_chunk",
+            "max_iterations",
+            "n_protofilaments",
+            "n_start",
+            "box_size",
+            "reference_protofilament",
+        ),
+        int,
+    ),
+    **dict.fromkeys(
+        (
+            "angpix",
+            "sphere_percentage",
+            "rot",
+            "tilt",
+            "psi",
+            "xoff",
+            "yoff",
+            "zoff",
+            "ang_range",
+            "ang_rot_range",
+            "ang_tilt_range",
+            "ang_psi_range",
+            "ang_step",
+            "offset_range",
+            "offset_x_range",
+            "offset_y_range",
+            "offset_z_range",
+            "offset_step",
+            "scheme_global_step",
+            "tol_degrees",
+            "tol_px",
+            "ini_threshold",
+            "extend_inimask",
+            "width_soft_edge",
+            "lowpass",
+            "inner_radius",
+            "outer_radius",
+            "center_x",
+            "center_y",
+            "center_z",
+            "twist",
+            "rise",
+        ),
+        float,
+    ),
+    **dict.fromkeys(
+        (
+            "relion_inverted_sphere_edge",
+            "write_candidates",
+            "refine_after_search",
+            "scheme_refine",
+            "invert",
+            "denovo",
+            "check_sphere",
+        ),
+        bool,
+    ),
+    **dict.fromkeys(
+        (
+            "function",
+            "i_map",
+            "o_map",
+            "i_mask_info",
+            "i_op_mask_info",
+            "o_mask_info",
+            "score",
+            "local_grid",
+            "refine_backend",
+            "mask_name",
+        ),
+        str,
+    ),
+}
+OPTIONAL_KEYS = (
+    "angpix",
+    "box_size",
+    "twist",
+    "rise",
+    "reference_protofilament",
+    "i_map",
+    "o_map",
+    "i_mask_info",
+    "i_op_mask_info",
+)
+
+
 def run_localsym(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one local-symmetry function (testable entry point).
 
@@ -537,6 +631,7 @@ def run_localsym(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     tuple
         ``(metrics, objects)``: small figures and the function's results.
     """
+    check_config_types(cfg, CONFIG_TYPES, optional=OPTIONAL_KEYS)
     function = str(cfg.function)
     if function not in _RUNNERS:
         raise ConfigError(

@@ -21,6 +21,18 @@ JOBS: dict[str, tuple[str, str]] = {
         "cryoavg.cli.localsym",
         "local symmetry: operator search, refine, apply, duplicate, masks",
     ),
+    "reconstruct": (
+        "cryoavg.cli.reconstruct",
+        "3D reconstruction from particles with poses: half maps, FSC, local symmetry",
+    ),
+    "select": (
+        "cryoavg.cli.select",
+        "rank 2D class averages and select their particles (RELION Select)",
+    ),
+    "refine3d": (
+        "cryoavg.cli.refine3d",
+        "gold-standard 3D refinement (RELION Refine3D: VDAM or EM, local symmetry)",
+    ),
     "simulate": (
         "cryoavg.cli.simulate",
         "simulate particles (STAR + MRCS) from a 3D map, with junk and ground truth",
@@ -56,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     if job not in JOBS:
         sys.stderr.write(f"error: unknown job '{job}'; jobs: {', '.join(JOBS)}\n")
         raise SystemExit(2)
+    from cryoavg.cli._jobs import check_overrides
+
+    check_overrides(job, args[1:])  # a bad key or value: one line, exit 2
     module = importlib.import_module(JOBS[job][0])
     os.environ["CRYOAVG_PROG"] = f"cryoavg {job}"
     sys.argv = [f"cryoavg {job}", *args[1:]]

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from cryoavg.cli._configs import config_dir
-from cryoavg.cli._jobs import job_directory, run_job
+from cryoavg.cli._jobs import check_config_types, job_directory, run_job
 from cryoavg.errors import ConfigError, InputError
 from cryoavg.io.mrc import read_map_3d
 from cryoavg.ops.fourier import resize_fourier_3d
@@ -31,6 +32,9 @@ from cryoavg.simulate.particles import (
 from cryoavg.simulate.writer import write_simulation
 
 log = logging.getLogger("cryoavg")
+
+#: larger pixel sizes are not cryo-EM (and overflow the float32 MRC cell size)
+MAX_PIXEL_SIZE_ANGSTROM = 1000.0
 
 
 def demo_map_path() -> Path:
@@ -51,6 +55,12 @@ def prepare_volume(
     data, header_pixel = read_map_3d(map_path)
     if data.shape[0] != data.shape[1] or data.shape[1] != data.shape[2]:
         raise InputError(map_path, f"map must be cubic, got shape {tuple(data.shape)}")
+    if not np.isfinite(data).all():
+        raise InputError(map_path, "map contains NaN or infinite values")
+    if float(np.abs(data).max()) > 1e12:  # projections and noise would overflow float32
+        raise InputError(
+            map_path, f"map values are too large (|v| up to {np.abs(data).max():.3g})"
+        )
     source_pixel = map_pixel_size or header_pixel
     if source_pixel is None or source_pixel <= 0:
         if pixel_size is None:
@@ -59,10 +69,27 @@ def prepare_volume(
                 "no pixel size in the MRC header: give map_pixel_size=... (Å/px)",
             )
         source_pixel = pixel_size
+    if not source_pixel <= MAX_PIXEL_SIZE_ANGSTROM:
+        raise InputError(
+            map_path,
+            f"implausible pixel size {source_pixel:g} Å/px (more than "
+            f"{MAX_PIXEL_SIZE_ANGSTROM:g}): give map_pixel_size=... (Å/px)",
+        )
+    if pixel_size is not None and not 0 < pixel_size <= MAX_PIXEL_SIZE_ANGSTROM:
+        raise ConfigError(
+            f"pixel_size={pixel_size:g}: expected a pixel size in Å/px between 0 and "
+            f"{MAX_PIXEL_SIZE_ANGSTROM:g}"
+        )
     target_pixel = float(pixel_size) if pixel_size is not None else float(source_pixel)
     volume = torch.as_tensor(data, dtype=torch.float32)
     if abs(target_pixel - source_pixel) > 1e-4 * source_pixel:
         new_size = max(2, round(volume.shape[0] * source_pixel / target_pixel / 2) * 2)
+        if new_size > 1024:
+            raise InputError(
+                map_path,
+                f"resampling from {source_pixel:g} to {target_pixel:g} Å/px would give "
+                f"a {new_size}³ map; check the pixel sizes (map_pixel_size, pixel_size)",
+            )
         volume = resize_fourier_3d(volume, new_size)
         log.info(
             "resampled the map from %.3f to %.3f Å/px (%d -> %d px)",
@@ -71,7 +98,10 @@ def prepare_volume(
             data.shape[0],
             new_size,
         )
-    return fit_volume_to_box(volume, box), target_pixel
+    volume = fit_volume_to_box(volume, box)
+    if not torch.isfinite(volume).all():
+        raise InputError(map_path, "map values too large (not finite after resampling)")
+    return volume, target_pixel
 
 
 def parameters_from_config(cfg: DictConfig, pixel_size: float) -> SimulationParameters:
@@ -102,6 +132,33 @@ def parameters_from_config(cfg: DictConfig, pixel_size: float) -> SimulationPara
     return params
 
 
+#: the type of every scalar key (checked first: one clear line for n_particles=abc)
+CONFIG_TYPES: dict[str, type] = {
+    **dict.fromkeys(("n_particles", "box", "seed"), int),
+    **dict.fromkeys(
+        (
+            "junk_fraction",
+            "snr",
+            "pixel_size",
+            "map_pixel_size",
+            "defocus_min_um",
+            "defocus_max_um",
+            "astigmatism_angstrom",
+            "voltage_kv",
+            "cs_mm",
+            "amplitude_contrast",
+            "bfactor",
+            "shift_sigma_px",
+        ),
+        float,
+    ),
+    "ctf": bool,
+    "map": str,
+    "output": str,
+}
+OPTIONAL_KEYS = ("snr", "pixel_size", "map_pixel_size", "map", "output")
+
+
 def run_simulate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the simulation job (testable entry point).
 
@@ -115,6 +172,7 @@ def run_simulate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     tuple
         ``(metrics, objects)``: figures from ``sim_info.json`` and the job directory / result.
     """
+    check_config_types(cfg, CONFIG_TYPES, optional=OPTIONAL_KEYS)
     map_path = Path(cfg.map) if cfg.map else demo_map_path()
     if cfg.box is None or int(cfg.box) < 16 or int(cfg.box) % 2:
         raise ConfigError(f"box must be an even number ≥ 16, got {cfg.box}")

@@ -225,6 +225,8 @@ def _numbers(path: Path, words: Sequence[str], count: int, line: str) -> list[fl
         raise InputError(path, f"cannot parse numbers in line '{line}'") from err
     if len(values) != count:
         raise InputError(path, f"expected {count} numbers in line '{line}'")
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(path, f"non-finite number in line '{line}'")
     return values
 
 

@@ -113,6 +113,8 @@ class _FakeTrainer:
     def save_checkpoint(self, path, weights_only=None):
         assert weights_only is False  # keeps Lightning from logging its default
         self.saved.append(Path(path))
+        if self.is_global_zero:  # Lightning writes the file on rank 0 only
+            Path(path).write_bytes(b"checkpoint")
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -134,8 +136,15 @@ def test_only_rank_zero_writes_files(tmp_path, rank, monkeypatch):
     writer.on_train_epoch_end(trainer, module)
     writer.on_train_epoch_end(trainer, module)  # already written: not again
     assert calls == ([2] if rank == 0 else [])
-    # every rank takes part in the checkpoint (Lightning saves on rank 0) and the barrier
-    assert trainer.saved == [tmp_path / "last.ckpt"]
+    # every rank takes part in the checkpoint (Lightning saves on rank 0) and the barrier;
+    # rank 0 writes a temporary file and renames it into place (atomic)
+    assert len(trainer.saved) == 1
+    if rank == 0:
+        assert trainer.saved[0] != tmp_path / "last.ckpt"
+        assert (tmp_path / "last.ckpt").read_bytes() == b"checkpoint"
+        assert not trainer.saved[0].exists()
+    else:
+        assert trainer.saved == [tmp_path / "last.ckpt"]
     assert trainer.barriers == ["relion_writer"]
     assert writer.written == [2]
     assert writer.state_dict() == {"written": [2]}

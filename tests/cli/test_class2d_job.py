@@ -385,6 +385,20 @@ def test_default_search_separates_two_clear_views(two_views, algorithm, iteratio
 CONTINUE_RTOL = 1e-3
 
 
+def test_iteration_zero_optimiser_header_keeps_the_sampling(vdam_run):
+    # no run_it000_sampling.star: the steps come from the relion_refine arguments on the
+    # header's second line (§B.5); with cryoavg's own command line there they fell back
+    # to the defaults and a continuation from it000 drifted (tests/reliability)
+    from cryoavg.class2d.continuation import read_iteration
+
+    continuation = read_iteration(vdam_run.job / "run_it000_optimiser.star")
+    assert continuation.sampling is None
+    settings = continuation.settings
+    assert settings.psi_step_degrees == 10.0  # FAST, not the default 6
+    assert settings.offset_range_px == 3.0  # not the default 5
+    assert settings.seed == vdam_run.module.settings.seed
+
+
 def test_continue_from_optimiser_star_follows_the_same_path(vdam_run, tmp_path):
     job = tmp_path / "Class2D" / "job002"
     metrics, objects = _run(
