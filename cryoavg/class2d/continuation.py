@@ -45,6 +45,7 @@ from cryoavg.errors import InputError
 from cryoavg.io import star as labels
 from cryoavg.io.mrc import read_image_stack
 from cryoavg.io.particles import ParticleTable, parse_image_name, read_particles
+from cryoavg.io.references import locate_relion_file, read_reference_images
 from cryoavg.io.star import read_star
 
 __all__ = [
@@ -282,44 +283,6 @@ class ContinuationState:
 # --------------------------------------------------------------------------------------
 
 
-def _resolve(
-    name: str, anchor: Path, project_dir: Path | None, what: str
-) -> tuple[Path, Path]:
-    """Find the file ``name`` written inside ``anchor``.
-
-    Returns
-    -------
-    path : Path
-        The existing file.
-    base : Path
-        The directory a relative name was relative to (the project directory);
-        ``project_dir`` (or the current directory) for absolute names.
-    """
-    text = str(name).strip()
-    if not text or text == "None":
-        raise InputError(anchor, f"no {what} file is named")
-    relative = Path(text)
-    base = Path(project_dir) if project_dir is not None else Path.cwd()
-    if relative.is_absolute():
-        if relative.is_file():
-            return relative, base
-        raise InputError(anchor, f"{what} file '{text}' not found")
-    directory = anchor.absolute().parent
-    bases = [base, directory, *directory.parents]
-    for candidate_base in dict.fromkeys(bases):
-        candidate = candidate_base / relative
-        if candidate.is_file():
-            return candidate, candidate_base
-    beside = directory / relative.name
-    if beside.is_file():
-        return beside, base
-    raise InputError(
-        anchor,
-        f"{what} file '{text}' not found (looked in {base}, in {directory} and its "
-        "parent directories)",
-    )
-
-
 def _list_block(
     blocks: dict[str, Any], name: str, path: Path, required: tuple[str, ...]
 ) -> dict[str, Any]:
@@ -436,47 +399,6 @@ def _option_number(options: dict[str, str | None], flag: str) -> float | None:
 # --------------------------------------------------------------------------------------
 
 
-def _read_class_images(
-    names: list[str],
-    model_path: Path,
-    project_dir: Path | None,
-    box_size: int,
-) -> np.ndarray:
-    k = len(names)
-    stacks: dict[str, tuple[Path, np.ndarray]] = {}
-    images = np.zeros((k, box_size, box_size), dtype=np.float32)
-    for i, name in enumerate(names):
-        try:
-            index0, stack_name = parse_image_name(str(name))
-        except ValueError as err:
-            raise InputError(model_path, f"class {i + 1}: {err}") from err
-        if stack_name not in stacks:
-            stack_path, _ = _resolve(stack_name, model_path, project_dir, "class stack")
-            data, _ = read_image_stack(stack_path)
-            if data.shape[-2:] != (box_size, box_size):
-                raise InputError(
-                    stack_path,
-                    f"class images are {data.shape[-1]}x{data.shape[-2]} px but the "
-                    f"model's box is {box_size} px",
-                )
-            stacks[stack_name] = (stack_path, data)
-        stack_path, data = stacks[stack_name]
-        if index0 >= data.shape[0]:
-            raise InputError(
-                stack_path,
-                f"has {data.shape[0]} images but class {i + 1} refers to {name}",
-            )
-        images[i] = data[index0]
-    if len(stacks) == 1:
-        stack_path, data = next(iter(stacks.values()))
-        if data.shape[0] != k:
-            raise InputError(
-                stack_path,
-                f"has {data.shape[0]} class images but the model has {k} classes",
-            )
-    return images
-
-
 def _read_moment_stack(
     names: list[str],
     model_path: Path,
@@ -496,7 +418,9 @@ def _read_moment_stack(
         except ValueError as err:
             raise InputError(model_path, f"class {i + 1}: {err}") from err
         if stack_name not in loaded:
-            stack_path, _ = _resolve(stack_name, model_path, project_dir, what)
+            stack_path, _ = locate_relion_file(
+                stack_name, model_path, project_dir, what
+            )
             data, _ = read_image_stack(stack_path)
             if data.shape[-2:] != (padded_size, width):
                 raise InputError(
@@ -648,7 +572,7 @@ def read_model_star(
         return np.full(k, default)
 
     reference_names = [str(v) for v in classes[labels.REFERENCE_IMAGE]]
-    class_images = _read_class_images(reference_names, model_path, base, n)
+    class_images, _ = read_reference_images(reference_names, model_path, base, n)
     moment1 = moment2 = None
     padded = pad_int * n
     if labels.GRAD_MOMENT_1 in classes.columns:
@@ -920,10 +844,10 @@ def read_iteration(
         raise InputError(path, f"rlnCurrentIteration is negative ({iteration})")
     relion_version, command_line = _read_header(path)
 
-    data_path, project = _resolve(
+    data_path, project = locate_relion_file(
         str(values["rlnExperimentalDataStarFile"]), path, base, "data STAR"
     )
-    model_path, model_project = _resolve(
+    model_path, model_project = locate_relion_file(
         str(values["rlnModelStarFile"]), path, base, "model STAR"
     )
     particles = read_particles(data_path, project_dir=project)
@@ -943,7 +867,9 @@ def read_iteration(
     sampling: SamplingInfo | None = None
     sampling_name = str(values["rlnOrientSamplingStarFile"])
     try:
-        sampling_path, _ = _resolve(sampling_name, path, base, "sampling STAR")
+        sampling_path, _ = locate_relion_file(
+            sampling_name, path, base, "sampling STAR"
+        )
     except InputError:
         if iteration > 0:
             raise

@@ -41,6 +41,7 @@ from cryoavg.errors import ConfigError, InputError
 from cryoavg.io import star as labels
 from cryoavg.io.mrc import read_image_stack
 from cryoavg.io.particles import format_image_name, parse_image_name
+from cryoavg.io.references import locate_relion_file, read_reference_images
 from cryoavg.io.star import RELION_STAR_VERSION, read_star
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "read_class_stack",
     "read_model_and_data",
     "read_optimiser",
-    "resolve_relion_path",
 ]
 
 _VERSION_LINE = re.compile(r"^#\s*version\s+(\d+)")
@@ -158,60 +158,6 @@ class SelectInput:
 # --------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------
-
-
-def resolve_relion_path(
-    name: str,
-    anchor: str | os.PathLike[str],
-    project_dir: str | os.PathLike[str] | None,
-    what: str,
-) -> Path:
-    """Find a file named inside the RELION file ``anchor``.
-
-    Parameters
-    ----------
-    name
-        The name as written (absolute or relative to the project directory).
-    anchor
-        The file that names it (used for the fallbacks and the error message).
-    project_dir
-        The project directory (default: the current directory).
-    what
-        What the file is, for the error message (``"model"``, ``"class stack"``).
-
-    Returns
-    -------
-    Path
-        The existing file.
-
-    Raises
-    ------
-    InputError
-        Nothing found; the message names ``anchor`` and the places tried.
-    """
-    text = str(name).strip()
-    anchor_path = Path(anchor)
-    if not text or text in ("None", '""'):
-        raise InputError(anchor_path, f"names no {what} file")
-    relative = Path(text)
-    if relative.is_absolute():
-        if relative.is_file():
-            return relative
-        raise InputError(anchor_path, f"{what} file '{text}' not found")
-    base = Path(project_dir) if project_dir is not None else Path.cwd()
-    directory = anchor_path.absolute().parent
-    for candidate_base in dict.fromkeys([base, directory, *directory.parents]):
-        candidate = candidate_base / relative
-        if candidate.is_file():
-            return candidate
-    beside = directory / relative.name
-    if beside.is_file():
-        return beside
-    raise InputError(
-        anchor_path,
-        f"{what} file '{text}' not found (looked in {base}, in {directory} and its "
-        "parent directories)",
-    )
 
 
 def _star_version(path: Path) -> int:
@@ -370,58 +316,6 @@ def _class_numbers(names: list[str]) -> np.ndarray:
     return np.arange(1, k + 1, dtype=np.int64)
 
 
-def _read_reference_images(
-    names: list[str], model_path: Path, project_dir: Path | None, box_size: int | None
-) -> tuple[np.ndarray, float | None]:
-    """``float32 (k, N, N)`` class images named by ``rlnReferenceImage``.
-
-    Also returns the first stack's header pixel size (``None`` when not set).
-    """
-    k = len(names)
-    header_pixel: float | None = None
-    stacks: dict[str, tuple[Path, np.ndarray]] = {}
-    images: list[np.ndarray] = []
-    for row, name in enumerate(names):
-        try:
-            index0, stack_name = parse_image_name(name)
-        except ValueError as err:
-            raise InputError(model_path, f"class {row + 1}: {err}") from err
-        if stack_name not in stacks:
-            stack_path = resolve_relion_path(
-                stack_name, model_path, project_dir, "class stack"
-            )
-            data, stack_pixel = read_image_stack(stack_path)
-            if header_pixel is None:
-                header_pixel = stack_pixel
-            expected = box_size if box_size is not None else data.shape[-1]
-            if data.shape[-2:] != (expected, expected):
-                raise InputError(
-                    stack_path,
-                    f"class images are {data.shape[-1]}x{data.shape[-2]} px but the "
-                    f"model's box is {expected} px",
-                )
-            stacks[stack_name] = (stack_path, data)
-        stack_path, data = stacks[stack_name]
-        if index0 >= data.shape[0]:
-            raise InputError(
-                stack_path,
-                f"has {data.shape[0]} images but class {row + 1} refers to {name}",
-            )
-        images.append(data[index0])
-    if len(stacks) == 1:
-        stack_path, data = next(iter(stacks.values()))
-        if data.shape[0] != k:
-            raise InputError(
-                stack_path,
-                f"has {data.shape[0]} class images but the model has {k} classes",
-            )
-    result = np.stack(images).astype(np.float32)
-    if not np.isfinite(result).all():
-        bad = int(np.flatnonzero(~np.isfinite(result).reshape(k, -1).all(1))[0])
-        raise InputError(model_path, f"class {bad + 1} image has non-finite pixels")
-    return result, header_pixel
-
-
 def _particle_block(blocks: dict[str, Any], path: Path) -> tuple[str, pd.DataFrame]:
     if "particles" in blocks:
         block = blocks["particles"]
@@ -525,7 +419,10 @@ def read_model_and_data(
     else:
         _require(classes, "model_classes", model_path, labels.REFERENCE_IMAGE)
         names = [str(v).strip() for v in classes[labels.REFERENCE_IMAGE]]
-        images, header_pixel = _read_reference_images(names, model_path, base, box)
+        images, header_pixel = read_reference_images(names, model_path, base, box)
+        if not np.isfinite(images).all():
+            bad = int(np.flatnonzero(~np.isfinite(images).reshape(k, -1).all(1))[0])
+            raise InputError(model_path, f"class {bad + 1} image has non-finite pixels")
         class_numbers = _class_numbers(names)
     if pixel_size_angstrom is not None:
         pixel = float(pixel_size_angstrom)
@@ -656,10 +553,10 @@ def load_select_input(
             )
         optimiser_path = Path(optimiser)
         values = read_optimiser(optimiser_path)
-        model_path = resolve_relion_path(
+        model_path, _ = locate_relion_file(
             values["rlnModelStarFile"], optimiser_path, project_dir, "model"
         )
-        data_path = resolve_relion_path(
+        data_path, _ = locate_relion_file(
             values["rlnExperimentalDataStarFile"], optimiser_path, project_dir, "data"
         )
         diameter = particle_diameter_angstrom

@@ -6,8 +6,9 @@ import pytest
 
 from cryoavg.errors import ConfigError, InputError
 from cryoavg.io.mrc import write_mrc
+from cryoavg.io.references import locate_relion_file
 from cryoavg.io.star import read_star, write_star
-from cryoavg.select.inputs import load_select_input, resolve_relion_path
+from cryoavg.select.inputs import load_select_input
 from tests.select import write_relion_class2d
 
 
@@ -154,11 +155,12 @@ def test_resolve_relion_path_fallbacks(tmp_path):
     (job / "a.star").write_text("x")
     anchor = job / "run_optimiser.star"
     # project-relative name found via the anchor's parents; bare name beside the anchor
-    assert resolve_relion_path(
-        "Class2D/job001/a.star", anchor, "/nonexistent", "m"
-    ) == (tmp_path / "Class2D/job001/a.star")
-    assert (
-        resolve_relion_path("Moved/job009/a.star", anchor, None, "m") == job / "a.star"
+    assert locate_relion_file("Class2D/job001/a.star", anchor, "/nonexistent", "m") == (
+        tmp_path / "Class2D/job001/a.star",
+        tmp_path,
+    )
+    assert locate_relion_file("Moved/job009/a.star", anchor, None, "m")[0] == (
+        job / "a.star"
     )
     with pytest.raises(InputError, match=r"model file 'b\.star' not found"):
-        resolve_relion_path("b.star", anchor, None, "model")
+        locate_relion_file("b.star", anchor, None, "model")
