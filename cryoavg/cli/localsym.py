@@ -192,6 +192,7 @@ def _search_settings(cfg: DictConfig, global_search: bool) -> SearchSettings:
         score=str(cfg.score),  # type: ignore[arg-type]
         local_grid=str(cfg.local_grid),  # type: ignore[arg-type]
         global_search=global_search,
+        use_healpix=bool(cfg.use_healpix),
         max_samples_per_chunk=int(cfg.max_samples_per_chunk),
     )
     return settings
@@ -211,6 +212,7 @@ def _refine_settings(cfg: DictConfig) -> RefineSettings:
         tol_degrees=float(cfg.tol_degrees),
         tol_px=float(cfg.tol_px),
         backend=str(cfg.refine_backend),
+        oversample=int(cfg.refine_oversample),
     )
 
 
@@ -414,6 +416,7 @@ def _run_scheme(cfg: DictConfig) -> dict[str, Any]:
     if cfg.i_op_mask_info:
         settings = _search_settings(cfg, True)
         settings.ang_step = float(cfg.scheme_global_step)
+        settings.bin = int(cfg.scheme_global_bin)
         _validate_settings(settings, pixel)
         groups, masks = _global_search(cfg, volume, pixel, settings, tables)
     else:
@@ -533,6 +536,8 @@ CONFIG_TYPES: dict[str, type] = {
             "max_candidates_written",
             "max_samples_per_chunk",
             "max_iterations",
+            "refine_oversample",
+            "scheme_global_bin",
             "n_protofilaments",
             "n_start",
             "box_size",
@@ -580,6 +585,7 @@ CONFIG_TYPES: dict[str, type] = {
     **dict.fromkeys(
         (
             "relion_inverted_sphere_edge",
+            "use_healpix",
             "write_candidates",
             "refine_after_search",
             "scheme_refine",

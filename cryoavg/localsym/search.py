@@ -29,6 +29,11 @@ import torch.nn.functional as F
 
 from cryoavg.localsym.operators import LocalSymmetryOperator
 from cryoavg.ops.fourier import resize_fourier_3d
+from cryoavg.ops.healpix import (
+    healpix_order_for_step,
+    healpix_pixel_centres,
+    healpix_step_degrees,
+)
 from cryoavg.ops.masks import center_of_mass_3d
 from cryoavg.ops.rotations import (
     axis_angle_to_matrix,
@@ -40,6 +45,7 @@ __all__ = [
     "SearchResult",
     "SearchSettings",
     "euler_local_grid",
+    "healpix_rotation_grid",
     "mask_center_px",
     "score_candidates",
     "search_operator",
@@ -80,6 +86,11 @@ class SearchSettings:
         ``exp(d) A``, uniform in every direction (no gimbal degeneracy at tilt 0).
     global_search
         Sample all rotations (uniform SO(3) grid at ``ang_step``).
+    use_healpix
+        RELION's ``--use_healpix``: viewing directions on the HEALPix grid of the
+        first order whose step is below ``ang_step``, in-plane angles at the same
+        step (:func:`healpix_rotation_grid`); replaces the Fibonacci (global) or the
+        Euler / axis-angle (local) grid.
     max_samples_per_chunk
         Interpolated samples per ``grid_sample`` call (memory bound).
     """
@@ -98,6 +109,7 @@ class SearchSettings:
     score: ScoreName = "rms"
     local_grid: Literal["euler", "axis_angle"] = "euler"
     global_search: bool = False
+    use_healpix: bool = False
     max_samples_per_chunk: int = 20_000_000
 
     def angular_ranges(self) -> tuple[float, float, float]:
@@ -260,6 +272,91 @@ def uniform_rotation_grid(step_degrees: float) -> torch.Tensor:
         dim=-1,
     ).reshape(-1, 3)
     return euler_angles_to_matrix(angles)
+
+
+def healpix_rotation_grid(
+    step_degrees: float,
+    initial_degrees: Sequence[float] | None = None,
+    ranges_degrees: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Rotations on RELION's HEALPix grid (``--use_healpix``, §D.5.6).
+
+    The order is the first whose step ``360 / (6 * 2**order)`` is below
+    ``step_degrees``; in-plane angles use the same step.
+
+    Parameters
+    ----------
+    step_degrees
+        Requested angular step (degrees).
+    initial_degrees
+        Current ``(rot, tilt, psi)``; None = global (every direction, every psi).
+    ranges_degrees
+        ``(rot, tilt, psi)`` half-ranges of a local search: directions within
+        ``max(rot, tilt)`` degrees of the current viewing direction (only the current
+        one if that is 0) and psi on a grid through the current psi within the psi
+        range. All three < 0 (or None) = every direction and psi.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(m, 3, 3)`` matrices (float64); in local mode the first is the current
+        rotation itself, so a local search never scores worse than its start.
+    """
+    order = healpix_order_for_step(step_degrees)
+    step = healpix_step_degrees(order)
+    tilt, rot = healpix_pixel_centres(order)
+    rot = torch.where(rot > 180.0, rot - 360.0, rot)
+    n_psi = max(1, round(360.0 / step))
+    all_psi = torch.arange(n_psi, dtype=torch.float64) * (360.0 / n_psi) - 180.0
+    local = initial_degrees is not None and (
+        ranges_degrees is not None and max(ranges_degrees) >= 0
+    )
+    if not local:
+        directions = torch.stack([rot, tilt], dim=-1)
+        psi = all_psi
+        first = None
+    else:
+        assert initial_degrees is not None
+        assert ranges_degrees is not None
+        rot0, tilt0, psi0 = (float(v) for v in initial_degrees)
+        direction_range = max(float(ranges_degrees[0]), float(ranges_degrees[1]))
+        directions = torch.tensor([[rot0, tilt0]], dtype=torch.float64)
+        if direction_range > 0:
+            unit = _unit_vectors(rot, tilt)
+            centre = _unit_vectors(
+                torch.tensor([rot0], dtype=torch.float64),
+                torch.tensor([tilt0], dtype=torch.float64),
+            )[0]
+            angle = torch.rad2deg(torch.acos((unit @ centre).clamp(-1.0, 1.0)))
+            near = angle <= direction_range + 1e-9
+            directions = torch.cat(
+                [directions, torch.stack([rot[near], tilt[near]], dim=-1)]
+            )
+        psi_range = min(float(ranges_degrees[2]), 180.0)
+        psi = psi0 + _grid_1d(psi_range, step)
+        first = torch.tensor([[rot0, tilt0, psi0]], dtype=torch.float64)
+    n_dirs, n_in_plane = directions.shape[0], psi.shape[0]
+    angles = torch.cat(
+        [
+            directions[:, None, :].expand(n_dirs, n_in_plane, 2),
+            psi[None, :, None].expand(n_dirs, n_in_plane, 1),
+        ],
+        dim=-1,
+    ).reshape(-1, 3)
+    if first is not None:
+        angles = torch.cat([first, angles])
+    return euler_angles_to_matrix(angles)
+
+
+def _unit_vectors(
+    rot_degrees: torch.Tensor, tilt_degrees: torch.Tensor
+) -> torch.Tensor:
+    """Viewing directions ``(m, 3)`` of Euler ``(rot, tilt)``: polar ``tilt``, azimuth ``rot``."""
+    rot = torch.deg2rad(rot_degrees)
+    tilt = torch.deg2rad(tilt_degrees)
+    return torch.stack(
+        [tilt.sin() * rot.cos(), tilt.sin() * rot.sin(), tilt.cos()], dim=-1
+    )
 
 
 def mask_center_px(mask: torch.Tensor) -> torch.Tensor:
@@ -442,7 +539,13 @@ def search_operator(
     src_index = torch.nonzero(crop_mask >= MASK_EPS)
     src_values = src[src_index[:, 0], src_index[:, 1], src_index[:, 2]]
     # candidate rotations
-    if settings.global_search:
+    if settings.use_healpix:
+        rotations = healpix_rotation_grid(
+            settings.ang_step,
+            None if settings.global_search else initial.angles_degrees,  # type: ignore[union-attr]
+            None if settings.global_search else settings.angular_ranges(),
+        )
+    elif settings.global_search:
         rotations = uniform_rotation_grid(settings.ang_step)
     elif settings.local_grid == "euler":
         assert initial is not None

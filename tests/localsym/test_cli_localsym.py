@@ -130,6 +130,38 @@ def test_local_search_and_refine_write_star(project, tmp_path):
     assert (tmp_path / "maskinfo_iter001_cc_mask001_op001.star").is_file()
 
 
+def test_local_search_on_the_healpix_grid(project, tmp_path):
+    root, truth = project
+    start = LocalSymmetryOperator(
+        truth.rot_degrees + 1,
+        truth.tilt_degrees + 1,
+        truth.psi_degrees,
+        truth.translation_angstrom,
+    )
+    write_operator_star(
+        tmp_path / "start.star", [MaskOperators(str(root / "mask.mrc"), [start])]
+    )
+    out = tmp_path / "healpix.star"
+    run_localsym(
+        _cfg(
+            "search",
+            i_map=root / "map.mrc",
+            i_mask_info=tmp_path / "start.star",
+            o_mask_info=out,
+            angpix=PX,
+            ang_range=3,
+            ang_step=2,
+            offset_range=2,
+            offset_step=2,
+            use_healpix="true",
+        )
+    )
+    found = read_mask_info(out)[0].operators[0]
+    # order 5 (1.875°): the grid holds a rotation within ~1.5° of the truth
+    assert same_operator(found, truth, 2.0)
+    assert not same_operator(found, start, 1e-3)
+
+
 def test_microtubule_and_txt2rln(tmp_path):
     run_localsym(
         _cfg("microtubule", o_mask_info=tmp_path / "mt.txt", mask_name="pf7.mrc")

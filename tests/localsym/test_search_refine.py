@@ -6,6 +6,7 @@ from cryoavg.localsym.operators import LocalSymmetryOperator
 from cryoavg.localsym.refine import RefineSettings, refine_operators
 from cryoavg.localsym.search import (
     SearchSettings,
+    healpix_rotation_grid,
     mask_center_px,
     search_operator,
     translation_grid_3d,
@@ -100,6 +101,39 @@ def test_global_search_finds_rotation_within_step(case):
     assert shift < 3.0
 
 
+def test_global_search_with_healpix_finds_rotation_within_step(case):
+    truth, volume, mask, copy_b = case
+    settings = SearchSettings(
+        ang_step=16.0, global_search=True, bin=2, use_healpix=True
+    )
+    result = search_operator(
+        volume, mask, PX, settings, target_mask=(copy_b > 0.05).float()
+    )
+    # order 2 (15°): 192 directions x 24 psi
+    assert result.n_candidates == 192 * 24
+    angle, shift = _errors(result.best, truth)
+    assert angle < 15.0
+    assert shift < 3.0
+
+
+def test_local_healpix_grid_stays_within_the_ranges():
+    start = LocalSymmetryOperator(30.0, 70.0, -40.0)
+    rotations = healpix_rotation_grid(8.0, start.angles_degrees, (16.0, 16.0, 15.0))
+    assert torch.allclose(rotations[0], start.matrix())
+    # order 3 (7.5°): psi -40 + (-15, -7.5, 0, 7.5, 15)
+    assert rotations.shape[0] % 5 == 1
+    z = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    view = rotations.mT @ z  # viewing direction of each rotation
+    view0 = start.matrix().mT @ z
+    spread = torch.rad2deg(torch.acos((view @ view0).clamp(-1, 1)))
+    assert float(spread.max()) <= 16.0 + 1e-6
+    assert rotations.shape[0] > 1 + 5 * 10
+    # a local search on the HEALPix grid from a start inside the range
+    only_current = healpix_rotation_grid(8.0, start.angles_degrees, (0.0, 0.0, 0.0))
+    assert only_current.shape[0] == 2
+    assert torch.allclose(only_current[1], start.matrix())
+
+
 def test_refine_reaches_0_1_degree_and_0_1_px(case):
     truth, volume, mask, _ = case
     start = LocalSymmetryOperator(
@@ -113,6 +147,24 @@ def test_refine_reaches_0_1_degree_and_0_1_px(case):
     assert angle < 0.1
     assert shift < 0.1
     assert trace.converged
+    # the 2x-oversampled target (default) beats trilinear sampling of the map itself
+    plain, _ = refine_operators(volume, mask, [start], PX, RefineSettings(oversample=1))
+    assert angle < _errors(plain[0], truth)[0]
+
+
+def test_refine_moves_operators_in_the_full_box_frame(case):
+    """Cropping + upsampling must not change the frame: a pure shift start comes back."""
+    truth, volume, mask, _ = case
+    start = LocalSymmetryOperator(
+        *truth.angles_degrees, tuple(v + 0.8 for v in truth.translation_angstrom)
+    )
+    refined, _ = refine_operators(
+        volume, mask, [start, truth], PX, RefineSettings(margin_px=4.0)
+    )
+    for operator in refined:
+        angle, shift = _errors(operator, truth)
+        assert angle < 0.1
+        assert shift < 0.05
 
 
 def test_grids():
