@@ -166,7 +166,8 @@ def write_case(args):
     out = Path(args.write)
     out.mkdir(parents=True, exist_ok=True)
     names = args.cases or list(CASES)
-    for name, geometry in zip(names, GEOMETRY, strict=False):
+    for name in names:
+        geometry = GEOMETRY[list(CASES).index(name)]
         volume, mask, target, truth, pixel = build_case(name, geometry, None, 0)
         write_mrc(out / f"{name}_map.mrc", volume, pixel)
         write_mrc(out / f"{name}_maskA.mrc", mask, pixel)
@@ -201,7 +202,8 @@ def run_synthetic(args):
     header = f"{'case':<14} {'noise':<10} {'stage':<19} {'err_deg':>8} {'err_px':>7} {'time_s':>7}"
     print(header)
     names = args.cases or list(CASES)
-    for name, geometry in zip(names, GEOMETRY, strict=False):
+    for name in names:
+        geometry = GEOMETRY[list(CASES).index(name)]
         for snr in (None, 1.0, 0.3):
             volume, mask, target, truth, pixel = build_case(name, geometry, snr, 0)
             noise = "none" if snr is None else f"SNR {snr}"

@@ -20,13 +20,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cryoavg.errors import ConfigError, CryoavgError, OutputError
 from cryoavg.io.atomic import atomic_write
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("cryoavg")
 
@@ -268,3 +271,30 @@ def check_overrides(job: str, overrides: list[str]) -> None:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         text = "; ".join(lines[:2]) if lines else type(err).__name__
         _fail(str(ConfigError(f"bad command line: {text}")))
+
+
+def torch_device(value: Any, key: str = "device") -> "torch.device":
+    """The torch device of a ``device=`` key: the CPU or a CUDA device that exists here.
+
+    Raises
+    ------
+    ConfigError
+        Not a device name, not cpu/cuda, or no such CUDA device on this machine.
+    """
+    import torch
+
+    try:
+        device = torch.device(str(value))
+    except RuntimeError as err:
+        raise ConfigError(f"{key}: {err}") from err
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"{key}={value}: use cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}={value}: no CUDA device is available")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"{key}={value}: only {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from cryoavg.cli._configs import config_dir
-from cryoavg.cli._jobs import check_config_types, run_job
+from cryoavg.cli._jobs import check_config_types, run_job, torch_device
 from cryoavg.errors import ConfigError, InputError
 from cryoavg.io.mrc import write_mrc
 from cryoavg.localsym.apply import (
@@ -193,6 +193,7 @@ def _search_settings(cfg: DictConfig, global_search: bool) -> SearchSettings:
         local_grid=str(cfg.local_grid),  # type: ignore[arg-type]
         global_search=global_search,
         use_healpix=bool(cfg.use_healpix),
+        device=str(torch_device(cfg.device)),
         max_samples_per_chunk=int(cfg.max_samples_per_chunk),
     )
     return settings
@@ -607,6 +608,7 @@ CONFIG_TYPES: dict[str, type] = {
             "local_grid",
             "refine_backend",
             "mask_name",
+            "device",
         ),
         str,
     ),

@@ -256,6 +256,12 @@ def refine_operators(
     com0 = mask_center_px(weights)
     c1 = torch.einsum("kij,j->ki", a0, com0) + t0  # (k, 3)
     index, points, point_weights = _support(weights)
+    # the loss is scaled to unit signal inside the mask: L-BFGS's absolute tolerances
+    # would otherwise stop at once on maps stored with tiny values (e.g. 1e-4)
+    inside = base[index[:, 0], index[:, 1], index[:, 2]]
+    spread = float(torch.sqrt((point_weights * (inside - inside.mean()) ** 2).mean()))
+    spread = spread if spread > 0 else 1.0
+    scaled = base / spread
     radius = float((points - com0).norm(dim=-1).max().clamp(min=1.0))
     rotation = torch.zeros_like(t0, requires_grad=True)
     shift = torch.zeros_like(t0, requires_grad=True)
@@ -270,10 +276,10 @@ def refine_operators(
     for nyquist_factor in settings.lowpass_nyquist_factors:
         if nyquist_factor and nyquist_factor > 0:
             stage_volume = lowpass_filter(
-                base, nyquist_factor * 2.0 * pixel, pixel, 2, ndim=3
+                scaled, nyquist_factor * 2.0 * pixel, pixel, 2, ndim=3
             )
         else:
-            stage_volume = base
+            stage_volume = scaled
         if settings.backend == "points":
             with torch.no_grad():
                 start_m, start_t = current()
@@ -325,7 +331,7 @@ def refine_operators(
                 before_m, before_t = current()
             loss = optimiser.step(closure)
             steps += 1
-            trace.losses.append(float(loss.detach()) / len(operators))
+            trace.losses.append(float(loss.detach()) * spread**2 / len(operators))
             with torch.no_grad():
                 after_m, after_t = current()
                 d_angle = float(

@@ -93,6 +93,9 @@ class SearchSettings:
         Euler / axis-angle (local) grid.
     max_samples_per_chunk
         Interpolated samples per ``grid_sample`` call (memory bound).
+    device
+        Torch device that scores the candidates (``"cuda"`` on a GPU); everything
+        else (crops, grids, bookkeeping) stays on the CPU.
     """
 
     ang_range: float = 0.0
@@ -111,6 +114,7 @@ class SearchSettings:
     global_search: bool = False
     use_healpix: bool = False
     max_samples_per_chunk: int = 20_000_000
+    device: str = "cpu"
 
     def angular_ranges(self) -> tuple[float, float, float]:
         """``(rot, tilt, psi)`` half-ranges after the ``ang_range`` override."""
@@ -395,6 +399,7 @@ def score_candidates(
     translations_px: torch.Tensor,
     score: ScoreName = "rms",
     max_samples_per_chunk: int = 20_000_000,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Score candidate operators ``vol(x) = dest(R x + u)`` against ``src`` (batched).
 
@@ -416,27 +421,31 @@ def score_candidates(
         ``"rms"`` or ``"cc"`` (see the module docstring).
     max_samples_per_chunk
         Samples per ``grid_sample`` call.
+    device
+        Where the candidates are scored (None: ``dest``'s device); the crops are
+        moved there once and the candidates chunk by chunk.
 
     Returns
     -------
     torch.Tensor
-        ``(c,)`` scores (lower is better).
+        ``(c,)`` scores (lower is better), on ``matrices``'s device.
     """
     dtype = dest.dtype
+    device = torch.device(device) if device is not None else dest.device
     size = dest.shape[-1]
     chunk = max(1, int(max_samples_per_chunk) // max(1, points_px.shape[0]))
-    volume = dest[None, None]
-    points = points_px.to(dtype)
-    w = weights.to(dtype)
-    s = src_values.to(dtype)
+    volume = dest.to(device)[None, None]
+    points = points_px.to(device=device, dtype=dtype)
+    w = weights.to(device=device, dtype=dtype)
+    s = src_values.to(device=device, dtype=dtype)
     w_sum = w.sum()
     if score == "cc":
         s_centred = s - (w * s).sum() / w_sum
         s_norm = torch.sqrt((w * s_centred**2).sum())
     out = []
     for first in range(0, matrices.shape[0], chunk):
-        rot = matrices[first : first + chunk].to(dtype)
-        shift = translations_px[first : first + chunk].to(dtype)
+        rot = matrices[first : first + chunk].to(device=device, dtype=dtype)
+        shift = translations_px[first : first + chunk].to(device=device, dtype=dtype)
         coordinates = torch.einsum("cij,pj->cpi", rot, points) + shift[:, None, :]
         grid = 2.0 * (coordinates + size // 2) / (size - 1) - 1.0  # xyz order
         samples = F.grid_sample(
@@ -454,7 +463,7 @@ def score_candidates(
             value = 1.0 - (w * centred * s_centred).sum(-1) / (
                 norm * s_norm.clamp(min=1e-20)
             )
-        out.append(value)
+        out.append(value.to(matrices.device))
     return torch.cat(out) if out else torch.zeros(0, dtype=dtype)
 
 
@@ -572,6 +581,7 @@ def search_operator(
         all_shift,
         settings.score,
         settings.max_samples_per_chunk,
+        settings.device,
     ).double()
     order = torch.argsort(scores)
     if max_candidates is not None:

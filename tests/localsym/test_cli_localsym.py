@@ -275,3 +275,21 @@ def test_command_line(project, tmp_path):
     out = _cli("nosuchfunction", cwd=tmp_path)
     assert out.returncode == 2
     assert "unknown localsym function" in out.stderr
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="needs a machine without CUDA"
+)
+def test_search_on_a_missing_gpu_is_one_line(project, tmp_path):
+    root, _ = project
+    out = _cli(
+        "search",
+        f"i_map={root / 'map.mrc'}",
+        f"i_mask_info={root / 'ops.star'}",
+        f"o_mask_info={tmp_path / 'out.star'}",
+        "ang_range=1",
+        "device=cuda",
+        cwd=tmp_path,
+    )
+    _one_line_error(out, "device=cuda", "no CUDA device")
+    assert not (tmp_path / "out.star").exists()

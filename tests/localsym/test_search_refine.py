@@ -152,6 +152,24 @@ def test_refine_reaches_0_1_degree_and_0_1_px(case):
     assert angle < _errors(plain[0], truth)[0]
 
 
+def test_refine_does_not_depend_on_the_map_scale(case):
+    """Maps stored with tiny values (e.g. 1e-4) must refine as well as unit maps."""
+    truth, volume, mask, _ = case
+    start = LocalSymmetryOperator(
+        truth.rot_degrees + 1.5,
+        truth.tilt_degrees,
+        truth.psi_degrees - 1.0,
+        tuple(v + 1.0 for v in truth.translation_angstrom),
+    )
+    settings = RefineSettings(oversample=1)
+    unit, _ = refine_operators(volume, mask, [start], PX, settings)
+    tiny, trace = refine_operators(volume * 1e-4, mask, [start], PX, settings)
+    assert _errors(tiny[0], truth)[0] < 0.1
+    assert _errors(tiny[0], unit[0])[0] < 1e-3
+    assert tiny[0].score == pytest.approx(unit[0].score * 1e-4, rel=1e-3)
+    assert trace.losses[-1] < 1e-8
+
+
 def test_refine_moves_operators_in_the_full_box_frame(case):
     """Cropping + upsampling must not change the frame: a pure shift start comes back."""
     truth, volume, mask, _ = case
