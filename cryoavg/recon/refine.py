@@ -7,7 +7,11 @@ One iteration (:func:`refine_iteration`):
    iteration) until the resolution asks for a finer step; then the step is halved
    (down to ``min_angular_step``) and each particle is searched locally within
    ``1.5 ×`` the previous step of its previous pose. The needed step is
-   ``degrees(resolution / particle_diameter)``. The image size is
+   ``degrees(resolution / particle_diameter)``. Local search starts only once every
+   particle has a pose from an E-step (or from the input): VDAM mini-batches take the
+   particles never aligned first, so all are aligned after ``ceil(n / subset)``
+   iterations; searching locally around a pose that was never estimated would leave
+   such a particle at a random orientation for good. The image size is
    ``2·(shell of the resolution + incr_size)`` (≤ box).
 2. **E-step per half.** Each half-set's particles are scored only against that half's
    reference (:mod:`cryoavg.recon.estep3d`): CTF, per-optics-group noise spectra,
@@ -125,6 +129,7 @@ class RefineSettings:
             (0 <= self.mu < 1, "mu must be in [0, 1)"),
             (self.global_iterations >= 1, "global_iterations must be >= 1"),
             (self.chunk_size >= 1, "chunk_size must be >= 1"),
+            (0 <= self.seed < 2**32, "seed must be in [0, 2^32)"),
             (
                 self.particle_diameter_angstrom is None
                 or self.particle_diameter_angstrom > 0,
@@ -230,6 +235,10 @@ class RefineState:
         ``(n, 3)``, ``(n, 2)`` per-particle best pose (yx px).
     pmax, n_significant, log_likelihood
         ``(n,)`` per-particle E-step figures.
+    aligned
+        ``(n,)`` bool: the pose comes from an E-step (or from the input), i.e. it may
+        be refined by a local search. None in states saved before this field existed
+        (then taken as ``n_significant > 0``).
     log_likelihood_total, ave_pmax
         Sums of the last iteration.
     final_map
@@ -256,6 +265,7 @@ class RefineState:
     pmax: torch.Tensor
     n_significant: torch.Tensor
     log_likelihood: torch.Tensor
+    aligned: torch.Tensor | None = None
     log_likelihood_total: float = 0.0
     ave_pmax: float = 0.0
     final_map: torch.Tensor | None = None
@@ -454,7 +464,8 @@ def initial_state(
     settings
         The refinement settings.
     angles_degrees, offsets_px
-        Optional ``(n, 3)`` / ``(n, 2)`` starting poses (offsets yx px).
+        Optional ``(n, 3)`` / ``(n, 2)`` starting poses (offsets yx px); given angles
+        count as aligned (a local search may start from them).
     """
     n = data.box_size
     pixel = data.pixel_size_angstrom
@@ -488,6 +499,7 @@ def initial_state(
         pmax=torch.zeros(n_p, dtype=torch.float64),
         n_significant=torch.zeros(n_p, dtype=torch.int64),
         log_likelihood=torch.zeros(n_p, dtype=torch.float64),
+        aligned=torch.full((n_p,), angles_degrees is not None, dtype=torch.bool),
     )
 
 
@@ -496,9 +508,17 @@ def initial_state(
 
 
 def _subset(
-    data: RefineData, settings: RefineSettings, final: bool, generator: torch.Generator
+    data: RefineData,
+    settings: RefineSettings,
+    final: bool,
+    generator: torch.Generator,
+    aligned: torch.Tensor,
 ) -> torch.Tensor:
-    """Particles of this iteration (sorted): all, or a random VDAM mini-batch."""
+    """Particles of this iteration (sorted): all, or a random VDAM mini-batch.
+
+    The mini-batch is drawn in a random order with the particles not yet aligned
+    first, so that every particle is aligned after ``ceil(n / size)`` iterations.
+    """
     n = data.n_particles
     if final or settings.algorithm == "em":
         return torch.arange(n)
@@ -507,7 +527,9 @@ def _subset(
         size = max(min(int(0.1 * n), 100000), 200)  # RELION 3D refine/classification
     if size >= n:
         return torch.arange(n)
-    return torch.sort(torch.randperm(n, generator=generator)[:size]).values
+    order = torch.randperm(n, generator=generator)
+    order = order[torch.argsort(aligned[order].to(torch.int8), stable=True)]
+    return torch.sort(order[:size]).values
 
 
 def _lowpass_ctf_params(
@@ -602,7 +624,9 @@ def refine_iteration(
     )
     local = state.local_range_degrees > 0
     mode = "cc" if (it == 1 and settings.firstiter_cc) else "ml"
-    subset = _subset(data, settings, final, generator)
+    if state.aligned is None:  # a state saved before the field existed
+        state.aligned = state.n_significant > 0
+    subset = _subset(data, settings, final, generator, state.aligned)
     accumulators = [empty_accumulators(n, 2.0) for _ in range(2)]
     n_og, n_groups = data.n_optics_groups, data.n_groups
     n_shells = n // 2 + 1
@@ -687,6 +711,7 @@ def refine_iteration(
             state.pmax[index] = result.pmax.cpu()
             state.n_significant[index] = result.n_significant.cpu()
             state.log_likelihood[index] = result.log_likelihood.cpu()
+            state.aligned[index] = True
         # one central slice per distinct orientation of this half
         ids, slot = torch.unique(torch.cat(pending_ids), return_inverse=True)
         slice_data = torch.zeros(
@@ -743,6 +768,7 @@ def refine_iteration(
         needed = math.degrees(state.resolution_angstrom / diameter)
         if (
             it >= settings.global_iterations
+            and bool(state.aligned.all())
             and needed < 0.75 * state.angular_step_degrees
             and state.angular_step_degrees > settings.min_angular_step_degrees
         ):
