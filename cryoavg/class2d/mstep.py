@@ -782,6 +782,12 @@ def vdam_update(
             state.fourier_completeness[drop] = state.fourier_completeness[expand]
             state.sigma2_class[drop] = state.sigma2_class[expand]
             state.class_age[drop] = 0.9 * state.class_age[expand]
+            # the copy also takes the expanded class's offset prior: left at the
+            # dropped class's old (often off-centre junk) position, the Gaussian offset
+            # prior penalises the copy for every particle and it empties again
+            state.class_offset_prior_angstrom[drop] = state.class_offset_prior_angstrom[
+                expand
+            ]
 
     # steps 7-10: image update of the active classes (except a replaced one)
     updated = active.clone()

@@ -311,6 +311,28 @@ def test_class_replacement_in_window_below_threshold():
     assert state.class_prior[2] > 0.2  # copied share, renormalised
 
 
+def test_replacement_copies_the_offset_prior():
+    """The copy must not keep the dropped class's (junk) offset prior."""
+    state, stats = replacement_setup([0.6, 0.39, 0.01])
+    state.class_offset_prior_angstrom.copy_(
+        torch.tensor([[1.0, -2.0], [0.0, 0.0], [15.0, 9.0]])
+    )
+    result = mstep.vdam_update(
+        state,
+        stats,
+        0.3,
+        2.0,
+        0.9,
+        allow_class_replacement=True,
+        class_inactivity_threshold=0.1,
+    )
+    assert result.replaced_class == 2
+    # after the EMA with this batch both sit near the expanded class's prior
+    offsets = state.class_offset_prior_angstrom
+    assert float((offsets[2] - offsets[0]).norm()) < 2.0
+    assert float(offsets[2].norm()) < 5.0
+
+
 @pytest.mark.parametrize(
     ("priors", "allow", "threshold"),
     [
