@@ -286,18 +286,23 @@ def replacement_setup(priors):
     return state, residual_stats(state, targets)
 
 
-def test_class_replacement_in_window_below_threshold():
-    state, stats = replacement_setup([0.6, 0.39, 0.01])
-    old_images = state.class_images.clone()
-    result = mstep.vdam_update(
+def update_with_replacement(state, stats):
+    """One VDAM update inside the replacement window, c = 0.1 (0.1 / 3 > 0.01)."""
+    return mstep.vdam_update(
         state,
         stats,
         0.3,
         2.0,
         0.9,
         allow_class_replacement=True,
-        class_inactivity_threshold=0.1,  # 0.1 / 3 active classes > 0.01
+        class_inactivity_threshold=0.1,
     )
+
+
+def test_class_replacement_in_window_below_threshold():
+    state, stats = replacement_setup([0.6, 0.39, 0.01])
+    old_images = state.class_images.clone()
+    result = update_with_replacement(state, stats)
     assert (result.expanded_class, result.replaced_class) == (0, 2)
     assert int(torch.argmax(result.class_error)) == 0
     assert not bool(result.updated[2])
@@ -317,15 +322,7 @@ def test_replacement_copies_the_offset_prior():
     state.class_offset_prior_angstrom.copy_(
         torch.tensor([[1.0, -2.0], [0.0, 0.0], [15.0, 9.0]])
     )
-    result = mstep.vdam_update(
-        state,
-        stats,
-        0.3,
-        2.0,
-        0.9,
-        allow_class_replacement=True,
-        class_inactivity_threshold=0.1,
-    )
+    result = update_with_replacement(state, stats)
     assert result.replaced_class == 2
     # after the EMA with this batch both sit near the expanded class's prior
     offsets = state.class_offset_prior_angstrom

@@ -99,18 +99,17 @@ def test_apply_duplicate_transform_run(project, tmp_path):
     assert (tmp_path / "t.mrc").is_file()
 
 
-def test_local_search_and_refine_write_star(project, tmp_path):
+def _local_search(project, tmp_path, angle_offsets, out_name, **keys):
+    """Run ``search`` from the truth turned by ``angle_offsets``; return start, result."""
     root, truth = project
     start = LocalSymmetryOperator(
-        truth.rot_degrees + 1,
-        truth.tilt_degrees,
-        truth.psi_degrees - 1,
+        *(a + d for a, d in zip(truth.angles_degrees, angle_offsets, strict=True)),
         truth.translation_angstrom,
     )
     write_operator_star(
         tmp_path / "start.star", [MaskOperators(str(root / "mask.mrc"), [start])]
     )
-    out = tmp_path / "maskinfo_iter001.star"
+    out = tmp_path / out_name
     run_localsym(
         _cfg(
             "search",
@@ -118,45 +117,40 @@ def test_local_search_and_refine_write_star(project, tmp_path):
             i_mask_info=tmp_path / "start.star",
             o_mask_info=out,
             angpix=PX,
-            ang_range=2,
-            ang_step=1,
             offset_range=2,
             offset_step=2,
-            refine_after_search="true",
+            **keys,
         )
     )
-    groups = read_mask_info(out)
-    assert same_operator(groups[0].operators[0], truth, 0.2)
+    return start, read_mask_info(out)[0].operators[0]
+
+
+def test_local_search_and_refine_write_star(project, tmp_path):
+    truth = project[1]
+    _, found = _local_search(
+        project,
+        tmp_path,
+        (1, 0, -1),
+        "maskinfo_iter001.star",
+        ang_range=2,
+        ang_step=1,
+        refine_after_search="true",
+    )
+    assert same_operator(found, truth, 0.2)
     assert (tmp_path / "maskinfo_iter001_cc_mask001_op001.star").is_file()
 
 
 def test_local_search_on_the_healpix_grid(project, tmp_path):
-    root, truth = project
-    start = LocalSymmetryOperator(
-        truth.rot_degrees + 1,
-        truth.tilt_degrees + 1,
-        truth.psi_degrees,
-        truth.translation_angstrom,
+    truth = project[1]
+    start, found = _local_search(
+        project,
+        tmp_path,
+        (1, 1, 0),
+        "healpix.star",
+        ang_range=3,
+        ang_step=2,
+        use_healpix="true",
     )
-    write_operator_star(
-        tmp_path / "start.star", [MaskOperators(str(root / "mask.mrc"), [start])]
-    )
-    out = tmp_path / "healpix.star"
-    run_localsym(
-        _cfg(
-            "search",
-            i_map=root / "map.mrc",
-            i_mask_info=tmp_path / "start.star",
-            o_mask_info=out,
-            angpix=PX,
-            ang_range=3,
-            ang_step=2,
-            offset_range=2,
-            offset_step=2,
-            use_healpix="true",
-        )
-    )
-    found = read_mask_info(out)[0].operators[0]
     # order 5 (1.875°): the grid holds a rotation within ~1.5° of the truth
     assert same_operator(found, truth, 2.0)
     assert not same_operator(found, start, 1e-3)
