@@ -28,12 +28,18 @@ import torch
 from omegaconf import DictConfig
 
 from cryoavg.cli._configs import config_dir
-from cryoavg.cli._jobs import job_directory, run_job
+from cryoavg.cli._jobs import (
+    check_config_types,
+    job_directory,
+    run_job,
+    torch_device,
+)
 from cryoavg.errors import ConfigError, InputError
 from cryoavg.io import star as labels
 from cryoavg.io.dataset import ParticleDataset
 from cryoavg.io.particles import ParticleTable, read_particles, write_particles
 from cryoavg.io.star import read_star
+from cryoavg.io.validate import check_text_columns
 from cryoavg.localsym.apply import apply_local_symmetry
 from cryoavg.localsym.io import load_masks, read_mask_info
 from cryoavg.localsym.operators import MaskOperators, operators_to_tensors
@@ -55,6 +61,26 @@ _OPERATOR_PIXEL_LABELS = (labels.PIXEL_SIZE, labels.IMAGE_PIXEL_SIZE)
 _OPERATOR_BOX_LABELS = (labels.IMAGE_SIZE,)
 
 
+#: the type of every scalar key (checked first: one clear line for batch_size=abc)
+CONFIG_TYPES: dict[str, type] = {
+    **dict.fromkeys(("batch_size", "min_regularised_shell", "seed"), int),
+    **dict.fromkeys(
+        ("mask_diameter", "mask_soft_edge", "tau2_fudge", "pad", "maxres", "angpix"),
+        float,
+    ),
+    **dict.fromkeys(("ctf", "preread"), bool),
+    **dict.fromkeys(("particles", "output", "subset", "local_symmetry", "device"), str),
+}
+OPTIONAL_KEYS = (
+    "mask_diameter",
+    "maxres",
+    "angpix",
+    "particles",
+    "output",
+    "local_symmetry",
+)
+
+
 def _positive(cfg: DictConfig, key: str, allow_none: bool = False) -> float | None:
     value = cfg.get(key)
     if value is None and allow_none:
@@ -70,6 +96,7 @@ def _positive(cfg: DictConfig, key: str, allow_none: bool = False) -> float | No
 
 def settings_from_config(cfg: DictConfig) -> ReconstructionSettings:
     """Validated :class:`ReconstructionSettings` from the job config."""
+    check_config_types(cfg, CONFIG_TYPES, optional=OPTIONAL_KEYS)
     pad = _positive(cfg, "pad")
     if pad is None or pad < 1:
         raise ConfigError(f"pad must be >= 1, got {cfg.pad}")
@@ -80,6 +107,8 @@ def settings_from_config(cfg: DictConfig) -> ReconstructionSettings:
         raise ConfigError(
             f"subset must be one of {', '.join(SUBSETS)}, got {cfg.subset}"
         )
+    if int(cfg.seed) < 0:
+        raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
     edge = float(cfg.mask_soft_edge)
     if not (math.isfinite(edge) and edge >= 0):
         raise ConfigError(f"mask_soft_edge must be >= 0, got {cfg.mask_soft_edge}")
@@ -129,7 +158,7 @@ def _check_operator_file_geometry(path: Path, pixel: float, box: int) -> None:
         for row in rows:
             for label in _OPERATOR_PIXEL_LABELS:
                 if label in row:
-                    value = float(pd.to_numeric(row[label], errors="coerce"))
+                    value = _operator_file_number(path, row, label)
                     if not abs(value - pixel) <= 0.01 * pixel:
                         raise InputError(
                             path,
@@ -138,13 +167,20 @@ def _check_operator_file_geometry(path: Path, pixel: float, box: int) -> None:
                         )
             for label in _OPERATOR_BOX_LABELS:
                 if label in row:
-                    value = int(float(pd.to_numeric(row[label], errors="coerce")))
+                    value = _operator_file_number(path, row, label)
                     if value != box:
                         raise InputError(
                             path,
-                            f"operators are for a {value} px box but the particles "
+                            f"operators are for a {value:g} px box but the particles "
                             f"are {box} px",
                         )
+
+
+def _operator_file_number(path: Path, row: dict[str, Any], label: str) -> float:
+    value = float(pd.to_numeric(row[label], errors="coerce"))
+    if not math.isfinite(value):
+        raise InputError(path, f"{label} is not a finite number ({row[label]})")
+    return value
 
 
 def _resolve_mask_names(
@@ -207,11 +243,9 @@ def run_reconstruct(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     settings = settings_from_config(cfg)
     angpix = _positive(cfg, "angpix", allow_none=True)
-    try:
-        device = torch.device(str(cfg.device))
-    except RuntimeError as err:
-        raise ConfigError(f"device: {err}") from err
-    table = read_particles(cfg.particles, pixel_size_angstrom=angpix)
+    device = torch_device(cfg.device)
+    table = read_particles(str(cfg.particles), pixel_size_angstrom=angpix)
+    check_text_columns(table)
     angles, shifts_px, has_origins = particle_poses(table)
     if not has_origins:
         log.warning("%s: no origin columns; particles are taken as centred", table.path)
@@ -311,7 +345,8 @@ def run_reconstruct(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         )
         maps = {subset: volume * mask}
 
-    with job_directory(cfg.output, "Reconstruct", cfg) as job_dir:
+    output = None if cfg.output in (None, "") else str(cfg.output)  # output=5: text
+    with job_directory(output, "Reconstruct", cfg) as job_dir:
         names = map_names(job_dir)
         write_maps(names, pixel, **maps)
         if subset == "both":

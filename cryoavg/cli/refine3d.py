@@ -21,17 +21,82 @@ from typing import Any
 
 import hydra
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 
 from cryoavg.cli._configs import config_dir
-from cryoavg.cli._jobs import job_directory, run_job
+from cryoavg.cli._jobs import check_config_types, job_directory, run_job
 from cryoavg.errors import ConfigError, InputError
 from cryoavg.io.mrc import read_map_3d
 from cryoavg.io.particles import ParticleTable, read_particles
 from cryoavg.io.stack import ImageSource
+from cryoavg.io.validate import check_text_columns
 
 log = logging.getLogger("cryoavg")
+
+
+#: the type of every scalar key (checked first: one clear line for iterations=abc)
+CONFIG_TYPES: dict[str, type] = {
+    **dict.fromkeys(
+        (
+            "iterations",
+            "global_iterations",
+            "max_significant",
+            "subset_size",
+            "seed",
+            "chunk_size",
+        ),
+        int,
+    ),
+    **dict.fromkeys(
+        (
+            "tau2_fudge",
+            "particle_diameter",
+            "angular_step",
+            "min_angular_step",
+            "offset_range",
+            "offset_step",
+            "initial_lowpass",
+            "adaptive_fraction",
+            "grad_stepsize",
+            "mu",
+            "pixel_size",
+        ),
+        float,
+    ),
+    **dict.fromkeys(
+        ("firstiter_cc", "ctf", "scale", "preread", "logger.enabled"), bool
+    ),
+    **dict.fromkeys(
+        (
+            "algorithm",
+            "particles",
+            "reference",
+            "output",
+            "local_symmetry",
+            "continue_from",
+            "project_dir",
+        ),
+        str,
+    ),
+}
+OPTIONAL_KEYS = (
+    "subset_size",
+    "particle_diameter",
+    "pixel_size",
+    "particles",
+    "reference",
+    "output",
+    "local_symmetry",
+    "continue_from",
+    "project_dir",
+)
+
+
+def _path(value: Any) -> str | None:
+    """A file name from the config as text; ``None`` for null or empty."""
+    return None if value in (None, "") else str(value)
 
 
 def settings_from_config(cfg: DictConfig):
@@ -153,15 +218,20 @@ def _refine_data(table: ParticleTable, source: ImageSource, halves: np.ndarray):
 
 def _initial_poses(table: ParticleTable, pixel: float):
     frame = table.particles
+
+    def numbers(columns: list[str]) -> np.ndarray:  # text: NaN, refused below
+        table = frame[columns].apply(pd.to_numeric, errors="coerce")
+        return table.to_numpy(np.float64, copy=True)
+
     angles = None
     if all(c in frame for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
         angles = torch.as_tensor(
-            frame[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(np.float64)
+            numbers(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
         )
     offsets = None
     if "rlnOriginXAngst" in frame and "rlnOriginYAngst" in frame:
         offsets = torch.as_tensor(
-            frame[["rlnOriginYAngst", "rlnOriginXAngst"]].to_numpy(np.float64) / pixel
+            numbers(["rlnOriginYAngst", "rlnOriginXAngst"]) / pixel
         )
     for name, value in (("angles", angles), ("origins", offsets)):
         if value is not None and not bool(torch.isfinite(value).all()):
@@ -213,14 +283,17 @@ def run_refine3d(cfg: DictConfig) -> dict[str, Any]:
         write_iteration,
     )
 
+    check_config_types(cfg, CONFIG_TYPES, optional=OPTIONAL_KEYS)
+    # file names as text (a number such as particles=-1 is a name too)
+    continue_from, project_dir = _path(cfg.continue_from), _path(cfg.project_dir)
     continuation = None
-    if cfg.continue_from:
-        continuation = read_continuation(Path(cfg.continue_from))
+    if continue_from:
+        continuation = read_continuation(Path(continue_from))
         settings = RefineSettings(**continuation["settings"])
         settings.n_iterations = int(cfg.iterations)
         settings.validate()
         extra = continuation["extra"]
-        particles = cfg.particles or extra.get("particles")
+        particles = _path(cfg.particles) or extra.get("particles")
         local_symmetry_path = extra.get("local_symmetry")
         if settings.n_iterations <= continuation["state"].iteration:
             raise ConfigError(
@@ -229,8 +302,8 @@ def run_refine3d(cfg: DictConfig) -> dict[str, Any]:
             )
     else:
         settings = settings_from_config(cfg)
-        particles = cfg.particles
-        local_symmetry_path = cfg.local_symmetry
+        particles = _path(cfg.particles)
+        local_symmetry_path = _path(cfg.local_symmetry)
         if not particles:
             raise ConfigError("the key 'particles' is required: add particles=...")
         if not cfg.reference:
@@ -238,10 +311,11 @@ def run_refine3d(cfg: DictConfig) -> dict[str, Any]:
     table = read_particles(
         particles,
         pixel_size_angstrom=None if cfg.pixel_size is None else float(cfg.pixel_size),
-        project_dir=cfg.project_dir,
+        project_dir=project_dir,
     )
     if table.n_particles == 0:
         raise InputError(particles, "no particles")
+    check_text_columns(table)
     if table.has_mixed_pixel_sizes:
         raise InputError(particles, "optics groups have different pixel sizes")
     if settings.do_ctf and not table.has_ctf:
@@ -275,9 +349,9 @@ def run_refine3d(cfg: DictConfig) -> dict[str, Any]:
         state = initial_state(
             reference, data, settings, angles_degrees=angles, offsets_px=offsets
         )
-    output = cfg.output
+    output = _path(cfg.output)
     if output is None and continuation is not None:
-        output = str(Path(cfg.continue_from).parent)
+        output = str(Path(continue_from).parent)
     extra = {
         "particles": str(Path(particles).resolve()),
         "local_symmetry": None

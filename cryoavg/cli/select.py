@@ -17,6 +17,7 @@ directory.
 """
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from cryoavg.cli._configs import config_dir
-from cryoavg.cli._jobs import job_directory, run_job
+from cryoavg.cli._jobs import check_config_types, job_directory, run_job
 from cryoavg.errors import ConfigError, InputError
 from cryoavg.select.gallery import write_selection_gallery_png, write_selection_html
 from cryoavg.select.inputs import SelectInput, load_select_input
@@ -50,6 +51,40 @@ from cryoavg.select.selection import (
 log = logging.getLogger("cryoavg")
 
 
+#: the type of every scalar key (checked first: one clear line for regroup=abc);
+#: ``classes`` (a list) is checked by :func:`criteria_from_config`
+CONFIG_TYPES: dict[str, type] = {
+    **dict.fromkeys(("min_classes", "regroup"), int),
+    **dict.fromkeys(
+        (
+            "min_score",
+            "max_score",
+            "min_particles",
+            "min_class_particles",
+            "max_resolution",
+            "angpix",
+            "particle_diameter",
+        ),
+        float,
+    ),
+    "gallery": bool,
+    **dict.fromkeys(
+        ("optimiser", "model", "data", "class_stack", "project_dir", "output"), str
+    ),
+}
+OPTIONAL_KEYS = (
+    "min_score",
+    "angpix",
+    "particle_diameter",
+    "optimiser",
+    "model",
+    "data",
+    "class_stack",
+    "project_dir",
+    "output",
+)
+
+
 def _optional_float(cfg: DictConfig, key: str) -> float | None:
     value = cfg.get(key)
     if value is None:
@@ -65,15 +100,26 @@ def _optional_path(cfg: DictConfig, key: str) -> str | None:
     return None if value in (None, "") else str(value)
 
 
+def _class_number(value: Any) -> int:
+    """A whole class number from ``classes=[...]`` (``"3"`` and ``3.0`` too)."""
+    if isinstance(value, bool):
+        raise TypeError("true/false is not a class number")
+    number = float(value)
+    if not (math.isfinite(number) and number == int(number) and abs(number) < 2**62):
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(number)
+
+
 def criteria_from_config(cfg: DictConfig) -> SelectionCriteria:
     """Build :class:`~cryoavg.select.selection.SelectionCriteria` from the job config."""
+    check_config_types(cfg, CONFIG_TYPES, optional=OPTIONAL_KEYS)
     classes = cfg.get("classes")
     manual: tuple[int, ...] | None = None
     if classes is not None:
         values = list(classes) if isinstance(classes, ListConfig | list) else [classes]
         try:
-            manual = tuple(int(v) for v in values)
-        except (TypeError, ValueError) as err:
+            manual = tuple(_class_number(v) for v in values)
+        except (TypeError, ValueError, OverflowError) as err:
             raise ConfigError(
                 f"classes must be a list of class numbers, e.g. [1,4,7]; got {classes}"
             ) from err
@@ -234,7 +280,7 @@ def run_select(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 regroup_result.target,
             )
 
-    with job_directory(cfg.output, "Select", cfg) as job_dir:
+    with job_directory(_optional_path(cfg, "output"), "Select", cfg) as job_dir:
         prefix = _output_prefix(job_dir)
         version = source.star_version
         if source.is_bare:

@@ -262,6 +262,15 @@ def _mmap_sections(info: MrcHeaderInfo) -> np.ndarray:
         raise InputError(info.path, f"cannot read MRC data ({err})") from err
     if data is None:
         raise InputError(info.path, "cannot read MRC data (mrcfile could not map it)")
+    if data.size != info.nz * info.ny * info.nx:
+        # e.g. a volume stack (ispg 401) whose nz is not a multiple of mz: mrcfile
+        # maps only whole volumes
+        raise InputError(
+            info.path,
+            f"invalid MRC header: {info.nz} sections of {info.nx}x{info.ny} but the "
+            f"data map as {'x'.join(str(n) for n in data.shape)} "
+            f"(space group {info.space_group})",
+        )
     # The memmap keeps its own reference to the mapping after mrcfile closes the file.
     return data.reshape(info.nz, info.ny, info.nx)
 
@@ -383,6 +392,15 @@ def _as_numpy(data: Any) -> np.ndarray:
     return np.asarray(data)
 
 
+def _set_header_stats(mrc: Any, array: np.ndarray) -> None:
+    """Header min, max, mean and RMS of ``array`` (computed in float64; inf if too big)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mrc.header.dmin = array.min()
+        mrc.header.dmax = array.max()
+        mrc.header.dmean = np.float32(array.mean(dtype=np.float64))
+        mrc.header.rms = np.float32(array.std(dtype=np.float64))
+
+
 def write_mrc(
     path: str | os.PathLike[str],
     data: Any,
@@ -423,11 +441,14 @@ def write_mrc(
             f"pixel_size_angstrom must be positive, got {pixel_size_angstrom}"
         )
     with atomic_path(path) as temp, mrcfile.new(temp, overwrite=True) as mrc:
-        mrc.set_data(array)
+        # mrcfile's float32 header statistics overflow for |values| > ~1e19 (a finite
+        # map): they are set again below in float64
+        with np.errstate(over="ignore"):
+            mrc.set_data(array)
         if array.ndim == 3:
             if is_stack:
                 mrc.set_image_stack()
             else:
                 mrc.set_volume()
         mrc.voxel_size = pixel
-        mrc.update_header_stats()
+        _set_header_stats(mrc, array)

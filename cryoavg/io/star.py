@@ -32,6 +32,7 @@ Example
 >>> write_star("out.star", {"particles": subset})  # doctest: +SKIP
 """
 
+import linecache
 import numbers
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -266,6 +267,11 @@ def read_star(path: str | os.PathLike[str]) -> dict[str, StarBlock]:
         raise InputError(
             star_path, f"not a readable STAR file ({_short(err)})"
         ) from err
+    finally:
+        # starfile reads the lines through linecache and clears it only after a
+        # successful parse: after a failed one, the next read of the same path would
+        # see the old lines
+        linecache.clearcache()
     if not blocks:
         raise InputError(star_path, "no data_ block found; not a STAR file")
     result: dict[str, StarBlock] = {}

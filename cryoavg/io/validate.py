@@ -45,7 +45,7 @@ from cryoavg.io.particles import (
 )
 from cryoavg.io.star import STRING_LABELS, read_star
 
-__all__ = ["validate_particles"]
+__all__ = ["check_text_columns", "validate_particles"]
 
 #: at most this many rows / files are named per problem
 _SHOWN = 3
@@ -86,6 +86,44 @@ def _numeric_problems(table: pd.DataFrame, what: str) -> tuple[list[str], set[st
                 f"{label} is not a finite number in {_rows(bad, what)} (e.g. {raw!r})"
             )
     return problems, bad_labels
+
+
+def _text_problems(table: pd.DataFrame, what: str) -> list[str]:
+    """Missing values (empty, ``nan``) in text columns (micrograph, optics group names).
+
+    The STAR reader turns ``nan`` or ``None`` in a text column into a missing value,
+    which the particle table cannot group by and the STAR writer cannot write back.
+    ``rlnImageName`` is checked by :func:`_image_name_problems`.
+    """
+    problems = []
+    for position, label in enumerate(map(str, table.columns)):
+        if label not in STRING_LABELS or label == labels.IMAGE_NAME:
+            continue
+        column = table.iloc[:, position]
+        missing = (column.isna() | (column.astype(str).str.strip() == "")).to_numpy(
+            dtype=bool
+        )
+        if missing.any():
+            bad = np.flatnonzero(missing)
+            problems.append(
+                f"{label} is missing in {_rows(bad, what)} "
+                f"(e.g. {column.iloc[int(bad[0])]!r})"
+            )
+    return problems
+
+
+def check_text_columns(table: ParticleTable) -> None:
+    """Raise :class:`InputError` for missing values in the text columns of ``table``.
+
+    For jobs that read particles without :func:`validate_particles` (``reconstruct``,
+    ``refine3d``): a missing ``rlnMicrographName`` or ``rlnOpticsGroupName`` (the text
+    ``nan``) would otherwise fail deep inside the job or when its output is written.
+    """
+    problems = _text_problems(table.particles, "particle")
+    if table.optics is not None:
+        problems += _text_problems(table.optics, "optics row")
+    if problems:
+        raise InputError(table.path, "; ".join(problems))
 
 
 def _image_name_problems(
@@ -303,9 +341,10 @@ def validate_particles(
     project = None if project_dir is None else Path(project_dir)
 
     problems, bad_labels = _numeric_problems(particles, "particle")
+    problems += _text_problems(particles, "particle")
     if optics is not None:
         optics_problems, optics_bad = _numeric_problems(optics, "optics row")
-        problems += optics_problems
+        problems += optics_problems + _text_problems(optics, "optics row")
         bad_labels |= optics_bad
     name_problems, stacks, index0, valid = _image_name_problems(particles)
     problems += name_problems

@@ -201,6 +201,8 @@ def soft_sphere_mask(
     torch.Tensor
         ``(n, n, n)`` float32 mask in [0, 1].
     """
+    if soft_edge_px < 1e-6:  # a hard edge (1e-300 px underflows to 0 in float32)
+        soft_edge_px = 0.0
     if mask_diameter_angstrom is None:
         radius = max(0.0, box_size / 2 - soft_edge_px)
     else:

@@ -447,6 +447,39 @@ def model_features(
     return np.stack(columns, axis=1)
 
 
+#: the widest class image that is ranked (Å): 1024 px at 4 Å/px
+MAX_BOX_ANGSTROM = 4096.0
+#: the largest particle diameter, in box widths (the CNN window is padded beyond the box)
+MAX_DIAMETER_BOXES = 4.0
+
+
+def _check_geometry(size: int, pixel_size_angstrom: float, diameter: float) -> None:
+    """Refuse images and diameters that cannot be ranked (ValueError, one line).
+
+    The features need a particle disc of at least one pixel radius at 4 Å/px (a
+    diameter of 8 Å); the 4 Å/px images and the CNN window are bounded so that an
+    absurd pixel size or diameter cannot ask for gigabytes.
+    """
+    box = size * pixel_size_angstrom
+    if not (math.isfinite(diameter) and diameter >= 2 * FEATURE_PIXEL_SIZE_ANGSTROM):
+        raise ValueError(
+            f"particle diameter {diameter:g} Å is below "
+            f"{2 * FEATURE_PIXEL_SIZE_ANGSTROM:g} Å (2 pixels at "
+            f"{FEATURE_PIXEL_SIZE_ANGSTROM:g} Å/px; {size} px of "
+            f"{pixel_size_angstrom:g} Å)"
+        )
+    if not box <= MAX_BOX_ANGSTROM:
+        raise ValueError(
+            f"class images of {size} px at {pixel_size_angstrom:g} Å/px are {box:g} Å "
+            f"wide; at most {MAX_BOX_ANGSTROM:g} Å can be ranked"
+        )
+    if not diameter <= MAX_DIAMETER_BOXES * box:
+        raise ValueError(
+            f"particle diameter {diameter:g} Å is more than {MAX_DIAMETER_BOXES:g} "
+            f"times the box ({size} px of {pixel_size_angstrom:g} Å)"
+        )
+
+
 def compute_features(
     images: torch.Tensor,
     *,
@@ -477,6 +510,12 @@ def compute_features(
         ``(k, F)`` float32 in the order of :func:`feature_names`.
     images64 : np.ndarray
         ``(k, 64, 64)`` float32 CNN inputs.
+
+    Raises
+    ------
+    ValueError
+        A particle diameter under 8 Å (or over 4 box widths), or images wider than
+        :data:`MAX_BOX_ANGSTROM`.
     """
     if images.ndim == 2:
         images = images[None]
@@ -488,6 +527,7 @@ def compute_features(
         if particle_diameter_angstrom is not None and particle_diameter_angstrom > 0
         else (size - 5) * p
     )
+    _check_geometry(size, p, diameter)
     images = torch.nan_to_num(images)
     img4 = resample_to_pixel_size(images, p)
     m = img4.shape[-1]

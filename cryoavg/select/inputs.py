@@ -227,6 +227,23 @@ def _column(
     return values
 
 
+def _no_missing_text(table: pd.DataFrame, path: Path, block: str) -> None:
+    """Refuse empty or ``nan`` values in a text column (copied to the output files).
+
+    A loop column that is not all numbers is read as text, with ``nan`` as a missing
+    value; such a table cannot be written back as a STAR file.
+    """
+    for label in table.columns:
+        column = table[label]
+        if pd.api.types.is_float_dtype(column.dtype) or not column.isna().any():
+            continue
+        row = int(np.flatnonzero(column.isna().to_numpy())[0])
+        raise InputError(
+            path,
+            f"{label} in data_{block} row {row + 1} is missing (nan) in a text column",
+        )
+
+
 # --------------------------------------------------------------------------------------
 # readers
 # --------------------------------------------------------------------------------------
@@ -329,6 +346,12 @@ def _particle_block(blocks: dict[str, Any], path: Path) -> tuple[str, pd.DataFra
     ]
     if len(loops) != 1:
         raise InputError(path, "no data_particles table")
+    if loops[0] == "optics":
+        # e.g. a second "data_optics" line before data_particles: the parser gives the
+        # particle loop to it and data_particles disappears
+        raise InputError(
+            path, "data_optics holds the particles (rlnImageName); no data_particles"
+        )
     return loops[0], blocks[loops[0]]
 
 
@@ -463,6 +486,8 @@ def read_model_and_data(
     )
     if (class_of_particle != np.round(class_of_particle)).any():
         raise InputError(data_path, f"{labels.CLASS_NUMBER} has non-integer values")
+    if (np.abs(class_of_particle) >= 2**62).any():
+        raise InputError(data_path, f"{labels.CLASS_NUMBER} has absurdly large values")
     class_of_particle = class_of_particle.astype(np.int64)
     unknown = sorted(
         set(class_of_particle[class_of_particle > 0].tolist())
@@ -476,6 +501,9 @@ def read_model_and_data(
     optics = data_blocks.get("optics") if block_name == "particles" else None
     if optics is not None and not isinstance(optics, pd.DataFrame):
         raise InputError(data_path, "data_optics is not a loop (loop_) table")
+    _no_missing_text(particles, data_path, block_name)
+    if optics is not None:
+        _no_missing_text(optics, data_path, "optics")
     return SelectInput(
         class_images=images,
         pixel_size_angstrom=pixel,

@@ -124,7 +124,8 @@ def score_classes(
     cryoavg.errors.CryoavgError
         The weights are missing or fail their checksum.
     ValueError
-        An optional array does not have ``k`` values, or ``pixel_size_angstrom`` ≤ 0.
+        An optional array does not have ``k`` values, ``pixel_size_angstrom`` ≤ 0, or
+        images / diameter that cannot be ranked (see :func:`compute_features`).
     """
     if not pixel_size_angstrom or pixel_size_angstrom <= 0:
         raise ValueError(f"pixel_size_angstrom must be > 0, got {pixel_size_angstrom}")

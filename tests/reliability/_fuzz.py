@@ -7,8 +7,10 @@ bug, and so is a reader that accepts garbage and returns something inconsistent.
 """
 
 import io
+import signal
 import tempfile
-from contextlib import redirect_stderr
+import threading
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,102 @@ __all__ = [
     "scratch_dir",
     "scratch_file",
 ]
+
+
+#: seconds one fuzz input may take through a job before it counts as a hang
+HANG_SECONDS = 60
+
+
+@contextmanager
+def time_limit(seconds: float = HANG_SECONDS):
+    """Fail the example (not the whole run) when the block runs longer than ``seconds``.
+
+    Uses ``SIGALRM`` (main thread, POSIX); elsewhere the block runs without a limit.
+    """
+    if not hasattr(signal, "setitimer") or (
+        threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+
+    def hang(signum, frame):
+        pytest.fail(f"no answer within {seconds:g} s (a hang)")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def no_temporary_files(directory: Path) -> None:
+    """A finished job left no hidden ``.name.XXXX.tmp`` file (cryoavg.io.atomic)."""
+    leftovers = sorted(
+        str(p)
+        for p in directory.rglob("*")
+        if p.name.endswith(".tmp") or p.name.startswith(".")
+    )
+    if leftovers:
+        pytest.fail(f"temporary files left behind: {leftovers}")
+
+
+__all__ += ["HANG_SECONDS", "no_temporary_files", "time_limit"]
+
+
+def overrides_answer(job: str, overrides: list[str]) -> str | None:
+    """Check a command line as ``cryoavg <job>`` does before Hydra runs.
+
+    Returns the one ``error:`` line (exit status 2) for a command line that does not
+    compose, ``None`` for one that does.
+    """
+    from cryoavg.cli._jobs import check_overrides
+
+    buffer = io.StringIO()
+    try:
+        with redirect_stderr(buffer):
+            check_overrides(job, overrides)
+    except SystemExit as stop:
+        code, text = stop.code, buffer.getvalue()
+    else:
+        return None
+    assert code == 2, text
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    assert lines[0].startswith("error: "), text
+    return lines[0]
+
+
+__all__ += ["overrides_answer"]
+
+
+#: inputs per target in the default suite for fuzz targets that run a whole job
+FAST_JOB_EXAMPLES = 20
+FAST_JOB = settings(FAST, max_examples=FAST_JOB_EXAMPLES)
+
+
+def count_outcome(name: str, status: int) -> None:
+    """Count the inputs of a job target that ran to the end (``<name> ran``)."""
+    if status == 0 and name:
+        count(f"{name} ran")
+
+
+__all__ += ["FAST_JOB", "FAST_JOB_EXAMPLES", "count_outcome"]
+
+
+@contextmanager
+def torch_threads(n: int = 1):
+    """Run the block with ``n`` torch threads (the tiny jobs of the fuzz tests run 3-5x
+    faster on one thread than on two contended ones)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+__all__ += ["torch_threads"]
