@@ -173,6 +173,7 @@ def run_job(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """
     setup_logging()
     try:
+        _file_names_as_text(cfg)
         return run(cfg)
     except CryoavgError as err:
         _fail(str(err))
@@ -181,6 +182,39 @@ def run_job(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     except KeyboardInterrupt:
         _fail("interrupted")
     return None
+
+
+#: keys that name files or directories in any job's config
+FILE_NAME_KEYS = (
+    "particles",
+    "output",
+    "continue_from",
+    "project_dir",
+    "scratch_dir",
+    "map",
+    "reference",
+    "local_symmetry",
+    "optimiser",
+    "model",
+    "data",
+    "class_stack",
+    "i_map",
+    "o_map",
+    "i_mask_info",
+    "i_op_mask_info",
+    "o_mask_info",
+)
+
+
+def _file_names_as_text(cfg: DictConfig) -> None:
+    """A number given as a file name (``output=5``, ``particles=-1``) is that name.
+
+    Hydra parses such values as numbers; every job expects text there.
+    """
+    for key in FILE_NAME_KEYS:
+        value = cfg.get(key) if isinstance(cfg, DictConfig) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            cfg[key] = str(value)
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:

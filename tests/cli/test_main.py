@@ -42,3 +42,17 @@ def test_every_primary_config_composes():
         assert len(cfg) > 0
     for job in ("simulate", "class2d"):
         assert "output" in compose_job(job)
+
+
+def test_a_number_given_as_a_file_name_is_that_name(tmp_path):
+    """``particles=-1`` / ``i_map=-1``: Hydra parses numbers; the jobs see text."""
+    for args in (
+        ("class2d", "particles=-1", "iterations=1"),
+        ("simulate", "map=-1", f"output={tmp_path / 'sim'}"),
+        ("localsym", "apply", "i_map=-1", "i_mask_info=-1", "o_map=5"),
+    ):
+        out = _cli(*args, cwd=tmp_path)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert lines == ["error: -1: file not found"], out.stderr
+    assert list(tmp_path.iterdir()) == []
