@@ -33,8 +33,10 @@ Example
 """
 
 import linecache
+import mmap
 import numbers
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -259,6 +261,7 @@ def read_star(path: str | os.PathLike[str]) -> dict[str, StarBlock]:
     _check_readable(star_path)
     if star_path.stat().st_size == 0:
         raise InputError(star_path, "empty file")
+    _check_unique_blocks(star_path)
     try:
         blocks = starfile.read(
             star_path, always_dict=True, parse_as_string=sorted(STRING_LABELS)
@@ -289,6 +292,27 @@ def read_star(path: str | os.PathLike[str]) -> dict[str, StarBlock]:
                 )
         result[str(name)] = block
     return result
+
+
+_BLOCK_NAME = re.compile(rb"^data_(\S*)", re.MULTILINE)
+
+
+def _check_unique_blocks(path: Path) -> None:
+    """Raise InputError when two data blocks share a name (starfile merges them)."""
+    try:
+        with (
+            open(path, "rb") as handle,
+            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as content,
+        ):
+            names = [match.group(1) for match in _BLOCK_NAME.finditer(content)]
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"cannot read ({_short(err)})") from err
+    seen: set[bytes] = set()
+    for name in names:
+        if name in seen:
+            shown = name.decode("utf-8", "replace")
+            raise InputError(path, f"block data_{shown} appears twice")
+        seen.add(name)
 
 
 def _check_readable(path: Path) -> None:

@@ -250,3 +250,17 @@ def test_loop_columns_format_like_format_value():
     text = format_star({"t": pd.DataFrame({"rlnValue": values})})
     rows = text.splitlines()[7:-1]
     assert rows == [format_value(v) + " " for v in values]
+
+
+def test_duplicated_block_names_are_refused(tmp_path):
+    """starfile would merge two data_optics blocks quietly; cryoavg names the problem."""
+    path = tmp_path / "dup.star"
+    block = "\ndata_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnImagePixelSize #2\n1 1.5\n"
+    path.write_text(
+        block + block + "\ndata_particles\n\nloop_\n_rlnImageName #1\n1@a.mrcs\n"
+    )
+    with pytest.raises(InputError, match="data_optics appears twice"):
+        read_star(path)
+    # a name that only starts another (data_optics vs data_optics2) is not a duplicate
+    path.write_text(block + block.replace("data_optics", "data_optics2"))
+    assert set(read_star(path)) == {"optics", "optics2"}

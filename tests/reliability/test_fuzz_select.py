@@ -402,7 +402,7 @@ def test_absurd_class_number_is_one_line(value):
 def test_particles_read_into_data_optics_is_one_line():
     # found by fuzzing: a duplicated "data_optics" line before data_particles gave the
     # particle loop to a second optics block; select wrote particles.star with only a
-    # data_optics block holding the particles
+    # data_optics block holding the particles (read_star now refuses duplicated blocks)
     text = _text("relion", "data").replace(
         "\n# version 30001\n\ndata_particles",
         "data_optics\n# version 30001\n\ndata_particles",
@@ -416,7 +416,7 @@ def test_particles_read_into_data_optics_is_one_line():
     )
     status, line = answer(cfg, "regression")
     assert status == 2
-    assert "data_optics holds the particles" in line
+    assert "data_optics appears twice" in line
 
 
 def test_a_failed_star_read_leaves_no_stale_lines():
