@@ -7,6 +7,7 @@ bug, and so is a reader that accepts garbage and returns something inconsistent.
 """
 
 import io
+import shutil
 import signal
 import tempfile
 import threading
@@ -189,6 +190,36 @@ def count_outcome(name: str, status: int) -> None:
 
 
 __all__ += ["FAST_JOB", "FAST_JOB_EXAMPLES", "count_outcome"]
+
+
+def answer_job(run, cfg, target: str, outputs_are_complete) -> tuple[int, str]:
+    """Run a job on one fuzzed input and check how it ended.
+
+    ``run(cfg)`` runs in ``cfg.output`` (a job directory two levels below its project).
+    Exit status 2 must leave no partial output; success must leave what
+    ``outputs_are_complete(cfg, output)`` checks and no temporary files. The project is
+    removed either way, so that the next input starts clean.
+    """
+    output = Path(cfg.output)
+    project = output.parent.parent
+    with time_limit():
+        status, line = cli_answer(run, cfg)
+    count_outcome(target, status)
+    if status == 2:
+        try:
+            no_partial_output(project)
+        finally:  # a failure here must not spill over into the next input
+            shutil.rmtree(project, ignore_errors=True)
+        return status, line
+    try:
+        outputs_are_complete(cfg, output)
+        no_temporary_files(project)
+    finally:  # the next input starts from a clean project
+        shutil.rmtree(project)
+    return status, line
+
+
+__all__ += ["answer_job"]
 
 
 @contextmanager

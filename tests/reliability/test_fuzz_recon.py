@@ -41,15 +41,12 @@ from ._data import (
 from ._fuzz import (
     FAST_JOB,
     FULL,
+    answer_job,
     cli_answer,
     count,
-    count_outcome,
-    no_partial_output,
-    no_temporary_files,
     overrides_answer,
     scratch_dir,
     scratch_file,
-    time_limit,
     torch_threads,
 )
 from ._mutate import malformed, overrides_of, quiet, wrong_mrc
@@ -137,23 +134,7 @@ def _maps_are_complete(directory: Path, names: list[str]) -> None:
 
 def answer_reconstruct(cfg, target: str = "") -> tuple[int, str]:
     """Run ``reconstruct``; a success must leave the complete, readable output."""
-    output = Path(cfg.output)
-    project = output.parent.parent
-    with time_limit():
-        status, line = cli_answer(run_reconstruct, cfg)
-    count_outcome(target, status)
-    if status == 2:
-        try:
-            no_partial_output(project)
-        finally:  # a failure here must not spill over into the next input
-            shutil.rmtree(project, ignore_errors=True)
-        return status, line
-    try:
-        _reconstruct_outputs_are_complete(cfg, output)
-        no_temporary_files(project)
-    finally:  # the next input starts from a clean project
-        shutil.rmtree(project)
-    return status, line
+    return answer_job(run_reconstruct, cfg, target, _reconstruct_outputs_are_complete)
 
 
 def _reconstruct_outputs_are_complete(cfg, output: Path) -> None:
@@ -175,23 +156,7 @@ def _reconstruct_outputs_are_complete(cfg, output: Path) -> None:
 
 def answer_refine3d(cfg, target: str = "") -> tuple[int, str]:
     """Run ``refine3d``; a success must leave the final files of a finished run."""
-    output = Path(cfg.output)
-    project = output.parent.parent
-    with time_limit():
-        status, line = cli_answer(run_refine3d, cfg)
-    count_outcome(target, status)
-    if status == 2:  # every input is checked before the job directory is made
-        try:
-            no_partial_output(project)
-        finally:  # a failure here must not spill over into the next input
-            shutil.rmtree(project, ignore_errors=True)
-        return status, line
-    try:
-        _refine3d_outputs_are_complete(cfg, output)
-        no_temporary_files(project)
-    finally:  # the next input starts from a clean project
-        shutil.rmtree(project)
-    return status, line
+    return answer_job(run_refine3d, cfg, target, _refine3d_outputs_are_complete)
 
 
 def _refine3d_outputs_are_complete(cfg, output: Path) -> None:

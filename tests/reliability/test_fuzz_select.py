@@ -10,7 +10,6 @@ replacing the model's images) and bad command lines (``classes=[...]``, ``min_sc
 partial output. One input takes about 0.1 s (the class ranker runs on every success).
 """
 
-import shutil
 import struct
 from functools import cache
 from pathlib import Path
@@ -31,15 +30,11 @@ from ._data import CLASS_COUNTS, CLASS_PIXEL, cryoavg_class2d, relion_class2d
 from ._fuzz import (
     FAST_JOB,
     FULL,
-    cli_answer,
+    answer_job,
     count,
-    count_outcome,
-    no_partial_output,
-    no_temporary_files,
     overrides_answer,
     scratch_dir,
     scratch_file,
-    time_limit,
     torch_threads,
 )
 from ._mutate import malformed, overrides_of, quiet, wrong_mrc
@@ -125,23 +120,7 @@ def _output() -> Path:
 
 def answer(cfg, target: str) -> tuple[int, str]:
     """Run ``select``; a success must leave the complete, readable output."""
-    output = Path(cfg.output)
-    project = output.parent.parent
-    with time_limit():
-        status, line = cli_answer(run_select, cfg)
-    count_outcome(target, status)
-    if status == 2:
-        try:
-            no_partial_output(project)
-        finally:  # a failure here must not spill over into the next input
-            shutil.rmtree(project, ignore_errors=True)
-        return status, line
-    try:
-        _outputs_are_complete(cfg, output)
-        no_temporary_files(project)
-    finally:  # the next input starts from a clean project
-        shutil.rmtree(project)
-    return status, line
+    return answer_job(run_select, cfg, target, _outputs_are_complete)
 
 
 def _outputs_are_complete(cfg, output: Path) -> None:
