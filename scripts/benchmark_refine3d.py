@@ -192,18 +192,7 @@ def main() -> None:
     )
     sim = simulate_particles(truth, params)
     n = args.particles
-    ctf = {
-        "defocus_u_angstrom": sim.defocus_u_angstrom,
-        "defocus_v_angstrom": sim.defocus_v_angstrom,
-        "defocus_angle_degrees": sim.defocus_angle_degrees,
-        "voltage_kv": torch.full((n,), params.voltage_kv),
-        "cs_mm": torch.full((n,), params.cs_mm),
-        "amplitude_contrast": torch.full((n,), params.amplitude_contrast),
-        "pixel_size_angstrom": torch.full((n,), pixel),
-        "phase_shift_degrees": torch.zeros(n),
-        "bfactor_angstrom2": torch.zeros(n),
-        "scale": torch.ones(n),
-    }
+    ctf = sim.ctf_parameters(params)
     images = sim.images
     data = RefineData(
         read_images=lambda idx: images[torch.as_tensor(np.asarray(idx))],

@@ -179,6 +179,26 @@ class SimulatedParticles:
     noise_sigma: float = 0.0
     particle_radius_px: float = 0.0
 
+    def ctf_parameters(self, params: SimulationParameters) -> dict[str, torch.Tensor]:
+        """Per-particle CTF parameters of this simulation, ``(n,)`` each.
+
+        The keys of :func:`cryoavg.ops.ctf.ctf_2d` (as the reconstruction and
+        refinement code takes them): the drawn defoci plus the optics of ``params``.
+        """
+        n = self.images.shape[0]
+        return {
+            "defocus_u_angstrom": self.defocus_u_angstrom,
+            "defocus_v_angstrom": self.defocus_v_angstrom,
+            "defocus_angle_degrees": self.defocus_angle_degrees,
+            "voltage_kv": torch.full((n,), params.voltage_kv),
+            "cs_mm": torch.full((n,), params.cs_mm),
+            "amplitude_contrast": torch.full((n,), params.amplitude_contrast),
+            "pixel_size_angstrom": torch.full((n,), params.pixel_size_angstrom),
+            "phase_shift_degrees": torch.zeros(n),
+            "bfactor_angstrom2": torch.full((n,), params.bfactor_angstrom2),
+            "scale": torch.ones(n),
+        }
+
 
 def particle_radius_px(volume: torch.Tensor, fraction: float = 0.99) -> float:
     """Radius (px, about the box centre) of the sphere holding ``fraction`` of the density.

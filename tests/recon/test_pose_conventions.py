@@ -59,18 +59,7 @@ def _simulate(volume, n, *, snr, apply_ctf, seed):
         seed=seed,
     )
     sim = simulate_particles(volume, params)
-    ctf = {
-        "defocus_u_angstrom": sim.defocus_u_angstrom,
-        "defocus_v_angstrom": sim.defocus_v_angstrom,
-        "defocus_angle_degrees": sim.defocus_angle_degrees,
-        "voltage_kv": torch.full((n,), params.voltage_kv),
-        "cs_mm": torch.full((n,), params.cs_mm),
-        "amplitude_contrast": torch.full((n,), params.amplitude_contrast),
-        "pixel_size_angstrom": torch.full((n,), PIXEL),
-        "phase_shift_degrees": torch.zeros(n),
-        "bfactor_angstrom2": torch.zeros(n),
-        "scale": torch.ones(n),
-    }
+    ctf = sim.ctf_parameters(params)
     return sim, ctf
 
 
