@@ -71,10 +71,13 @@ __all__ = [
     "EStepBatch",
     "EStepResult",
     "SignificantSamples",
+    "StatisticsUpdate",
     "accumulate_statistics",
     "expectation_step",
     "phase_shifts",
+    "prepare_estep_tables",
     "squared_differences",
+    "statistics_update",
 ]
 
 _DROP = 700.0  # diff2 − min above which a sample's weight is exactly zero (RELION)
@@ -143,6 +146,19 @@ class EStepBatch:
                     None
                     if getattr(self, f.name) is None
                     else getattr(self, f.name).to(device)
+                )
+                for f in fields(self)
+            }
+        )
+
+    def rows(self, start: int, stop: int) -> EStepBatch:
+        """The particles ``start:stop`` (views, no copy)."""
+        return EStepBatch(
+            **{
+                f.name: (
+                    None
+                    if getattr(self, f.name) is None
+                    else getattr(self, f.name)[start:stop]
                 )
                 for f in fields(self)
             }
@@ -301,7 +317,14 @@ def _log_offset_prior(
     sigma2_offset: float,
     pixel_size: float,
 ) -> torch.Tensor:
-    """Normalised log offset prior ``(b, t, k)`` (float64); mean of exp over t is 1."""
+    """Log offset prior ``(b, t, k)`` (float64), normalised per particle.
+
+    The mean of its exponential over all translations *and* classes is 1 (§A.6.4: a
+    constant per particle, which cancels when the weights are normalised). It is not
+    normalised per class: a class whose prior offset ``μ_k`` lies far from the
+    particle's offset pays for it in the class posterior, as in RELION. (Normalising
+    over t within each class made an off-centre junk class free for centred particles.)
+    """
     o_abs = pixel_size * (
         offset_px.to(torch.float64)[:, None, :] + translations_px[None]
     )
@@ -309,8 +332,9 @@ def _log_offset_prior(
         o_abs[:, :, None, :] - mu_angstrom.to(torch.float64)[None, None]
     )  # (b, t, k, 2)
     log_p = -(diff**2).sum(-1) / (2.0 * sigma2_offset)  # (b, t, k)
-    n_t = log_p.shape[1]
-    return log_p - (torch.logsumexp(log_p, dim=1, keepdim=True) - math.log(n_t))
+    n_tk = log_p.shape[1] * log_p.shape[2]
+    log_mean = torch.logsumexp(log_p.flatten(1), dim=1) - math.log(max(n_tk, 1))
+    return log_p - log_mean[:, None, None]
 
 
 # --------------------------------------------------------------------------------------
@@ -597,6 +621,46 @@ def _fine_tables(
 
     return projector.memoised(
         "estep-fine", (psi_grid, translation_grid, pixel_set), (cdtype,), build
+    )
+
+
+def prepare_estep_tables(
+    projector: ClassProjector,
+    psi_grid: PsiGrid,
+    translation_grid: TranslationGrid,
+    pixel_set: PixelSet,
+    *,
+    coarse_size: int,
+    dtype: torch.dtype = torch.complex64,
+    max_chunk_bytes: int = 1 << 28,
+) -> None:
+    """Build the iteration's memoised reference tables now (else on the first E-step).
+
+    The tables (rotated references and phases, coarse and fine) are the largest
+    allocations that do not scale with the chunk; building them first lets the caller
+    measure the memory left for the chunks.
+
+    Parameters
+    ----------
+    projector, psi_grid, translation_grid, pixel_set, coarse_size
+        As passed to :func:`expectation_step`.
+    dtype
+        Complex dtype of the particle transforms (``EStepBatch.images_masked_rfft``).
+    max_chunk_bytes
+        Bound on the temporaries of building them.
+    """
+    n_coarse = pixel_set.count_within(min(int(coarse_size), pixel_set.image_size))
+    _coarse_tables(
+        projector,
+        psi_grid,
+        translation_grid,
+        pixel_set,
+        n_coarse,
+        dtype,
+        max_chunk_bytes,
+    )
+    _fine_tables(
+        projector, psi_grid, translation_grid, pixel_set, dtype, max_chunk_bytes
     )
 
 
@@ -1169,6 +1233,120 @@ def _pixel_terms_dense(
     return keys, data_rows, weight_rows, xa, aa
 
 
+#: the sums of :class:`Class2DStatistics` a :class:`StatisticsUpdate` holds densely (all
+#: but the padded ``data`` / ``weight`` grids, which receive back-projected rows)
+_SMALL_SUMS = (
+    "class_weight",
+    "offset_sum_angstrom",
+    "sigma2_offset_sum",
+    "noise_power",
+    "noise_weight",
+    "scale_xa",
+    "scale_aa",
+    "norm_sum",
+    "weight_sum",
+    "log_likelihood",
+    "pmax_sum",
+    "n_particles",
+)
+
+
+@dataclass
+class StatisticsUpdate:
+    """A batch's contribution to :class:`Class2DStatistics`, computed but not yet added.
+
+    :func:`statistics_update` does all the work that allocates memory in proportion to
+    the batch; :meth:`apply_to` only adds. Adding is resumable: an out-of-memory error
+    inside :meth:`apply_to` (whose temporaries are a few MiB) leaves every row either
+    added once or not at all, and calling it again adds the rest, so a caller that backs
+    off and retries never adds a contribution twice or half.
+
+    Attributes
+    ----------
+    sums
+        Field name → tensor of the same shape and dtype as that field of the statistics,
+        for the fields in ``_SMALL_SUMS``.
+    data_rows
+        ``(u, p)`` complex rows to back-project into ``data``.
+    weight_rows
+        ``(u, p)`` real rows to back-project into ``weight``.
+    target
+        ``(u,)`` int64 ``half·k + class`` of each row.
+    psi_index
+        ``(u,)`` int64 fine ψ of each row (into ``psi_degrees``).
+    psi_degrees
+        ``(r_f,)`` the fine ψ table.
+    pixel_set
+        Pixels of the rows.
+    applied_rows
+        Rows back-projected so far.
+    sums_applied
+        Whether ``sums`` have been added.
+    """
+
+    sums: dict[str, torch.Tensor]
+    data_rows: torch.Tensor
+    weight_rows: torch.Tensor
+    target: torch.Tensor
+    psi_index: torch.Tensor
+    psi_degrees: torch.Tensor
+    pixel_set: PixelSet
+    applied_rows: int = 0
+    sums_applied: bool = False
+
+    def apply_to(
+        self,
+        stats: Class2DStatistics,
+        projector: ClassProjector,
+        *,
+        max_chunk_bytes: int = 1 << 28,
+    ) -> Class2DStatistics:
+        """Add the contribution to ``stats`` in place (or what is left of it).
+
+        Parameters
+        ----------
+        stats
+            The running statistics (those the update was computed for).
+        projector
+            The class projector of the E-step (its adjoint inserts the rows).
+        max_chunk_bytes
+            Bound on the temporaries of one insertion step.
+
+        Returns
+        -------
+        Class2DStatistics
+            ``stats``.
+        """
+        k2 = stats.data.shape[0] * stats.data.shape[1]  # 2·k
+        big = stats.data.shape[-2]
+        out_data = stats.data.view(k2, big, -1)
+        out_weight = stats.weight.view(k2, big, -1)
+        n = int(self.target.shape[0])
+        step = projector.pair_rows_per_step(self.pixel_set.n_pixels, max_chunk_bytes)
+        while self.applied_rows < n:
+            # one insertion step per call: its temporaries are all allocated before
+            # anything is added, so an out-of-memory error leaves these rows untouched
+            sl = slice(self.applied_rows, min(n, self.applied_rows + step))
+            projector.backproject_pairs(
+                self.data_rows[sl],
+                self.target[sl],
+                self.psi_degrees,
+                self.pixel_set,
+                out_data,
+                weights=self.weight_rows[sl],
+                out_weight=out_weight,
+                target_index=self.target[sl],
+                max_chunk_bytes=max_chunk_bytes,
+                angle_index=self.psi_index[sl],
+            )
+            self.applied_rows = sl.stop
+        if not self.sums_applied:
+            for name, value in self.sums.items():
+                getattr(stats, name).add_(value)  # same shape and dtype: no allocation
+            self.sums_applied = True
+        return stats
+
+
 def accumulate_statistics(
     batch: EStepBatch,
     result: EStepResult,
@@ -1187,11 +1365,55 @@ def accumulate_statistics(
 ) -> Class2DStatistics:
     """Add a batch's contribution to the sufficient statistics (spec §A.6.6), in place.
 
+    :func:`statistics_update` followed by :meth:`StatisticsUpdate.apply_to`; see there
+    for what is accumulated and for the parameters.
+
+    Returns
+    -------
+    Class2DStatistics
+        ``stats``.
+    """
+    update = statistics_update(
+        batch,
+        result,
+        projector,
+        psi_grid,
+        translation_grid,
+        pixel_set,
+        stats,
+        mode=mode,
+        class_offset_prior_angstrom=class_offset_prior_angstrom,
+        pixel_size=pixel_size,
+        ssnr=ssnr,
+        max_chunk_bytes=max_chunk_bytes,
+        dense_threshold=dense_threshold,
+    )
+    return update.apply_to(stats, projector, max_chunk_bytes=max_chunk_bytes)
+
+
+def statistics_update(
+    batch: EStepBatch,
+    result: EStepResult,
+    projector: ClassProjector,
+    psi_grid: PsiGrid,
+    translation_grid: TranslationGrid,
+    pixel_set: PixelSet,
+    stats: Class2DStatistics,
+    *,
+    mode: Literal["vdam", "em"] = "vdam",
+    class_offset_prior_angstrom: torch.Tensor,
+    pixel_size: float,
+    ssnr: torch.Tensor | None = None,
+    max_chunk_bytes: int = 1 << 28,
+    dense_threshold: float | None = DENSE_STATISTICS_THRESHOLD,
+) -> StatisticsUpdate:
+    """A batch's contribution to the sufficient statistics (spec §A.6.6), not yet added.
+
     For every contributing fine sample ``(b, k, ψ, t)`` with normalised weight ``w``:
 
     * reconstruction (per pseudo half ``index % 2``): ``w·(s·CTF/σ²)·X_unmasked·φ_t``
       (``"em"``) or ``w·(s·CTF/σ²)·(X_unmasked·φ_t − s·CTF·P)`` (``"vdam"``) and
-      ``w·(s·CTF)²/σ²`` are summed per ``(half, k, ψ)`` row (``index_add_``), then
+      ``w·(s·CTF)²/σ²`` are summed per ``(half, k, ψ)`` row (``index_add_``), to be
       inserted once with :meth:`ClassProjector.backproject_pairs` (back-rotation by ψ,
       bilinear splatting on the padded grid); DC included;
     * noise ``w·|s·CTF·P − X_masked·φ_t|²`` per shell and optics group (incl. DC),
@@ -1210,11 +1432,12 @@ def accumulate_statistics(
     batch, result
         The E-step inputs and outputs.
     projector
-        The class projector used in the E-step (its adjoint is used for insertion).
+        The class projector used in the E-step.
     psi_grid, translation_grid, pixel_set
         As passed to :func:`expectation_step`.
     stats
-        Accumulator (``Class2DStatistics.zeros(k, N, ...)``), updated in place.
+        The statistics the update is for (``Class2DStatistics.zeros(k, N, ...)``); only
+        their shapes, dtypes and device are read here.
     mode
         ``"vdam"`` (residual back-projection) or ``"em"``.
     class_offset_prior_angstrom
@@ -1229,13 +1452,13 @@ def accumulate_statistics(
     dense_threshold
         Compute the per-pixel sums as dense GEMMs over (particle × translation)
         columns (:func:`_pixel_terms_dense`) instead of per weighted row when the cost
-        model says so (:data:`DENSE_STATISTICS_THRESHOLD`; 0 = always dense);
-        ``None`` = always per row. Both give the same sums.
+        model says so (:data:`DENSE_STATISTICS_THRESHOLD`) and the dense accumulators
+        fit in ``max_chunk_bytes``; 0 = always dense; ``None`` = always per row. Both
+        give the same sums.
 
     Returns
     -------
-    Class2DStatistics
-        ``stats``.
+    StatisticsUpdate
     """
     device = batch.images_masked_rfft.device
     rdtype = batch.ctf.dtype
@@ -1254,27 +1477,28 @@ def accumulate_statistics(
     fine = _fine_tables(
         projector, psi_grid, translation_grid, pixel_set, cdtype, max_chunk_bytes
     )
+    sums = {name: torch.zeros_like(getattr(stats, name)) for name in _SMALL_SUMS}
 
     # ---- class, offsets, scalars
-    stats.class_weight.index_add_(0, sm.class_index, w.to(acc))
+    sums["class_weight"].index_add_(0, sm.class_index, w.to(acc))
     o_abs = pixel_size * (
         batch.offset_px.to(torch.float64)[rows] + trans_f[sm.trans_fine_index]
     )  # (e, 2) Å
-    stats.offset_sum_angstrom.index_add_(
+    sums["offset_sum_angstrom"].index_add_(
         0, sm.class_index, (w[:, None] * o_abs).to(acc)
     )
     mu = class_offset_prior_angstrom.to(device=device, dtype=torch.float64)[
         sm.class_index
     ]  # (e, 2)
-    stats.sigma2_offset_sum.add_((w * ((mu - o_abs) ** 2).sum(-1)).sum().to(acc))
-    stats.weight_sum.add_(w.sum().to(acc))
-    stats.log_likelihood.add_(result.log_likelihood.to(torch.float64).sum().to(acc))
-    stats.pmax_sum.add_(result.pmax.to(torch.float64).sum().to(acc))
-    stats.norm_sum.add_(result.norm_correction.to(torch.float64).sum().to(acc))
-    stats.n_particles.add_(float(b))
+    sums["sigma2_offset_sum"].add_((w * ((mu - o_abs) ** 2).sum(-1)).sum().to(acc))
+    sums["weight_sum"].add_(w.sum().to(acc))
+    sums["log_likelihood"].add_(result.log_likelihood.to(torch.float64).sum().to(acc))
+    sums["pmax_sum"].add_(result.pmax.to(torch.float64).sum().to(acc))
+    sums["norm_sum"].add_(result.norm_correction.to(torch.float64).sum().to(acc))
+    sums["n_particles"].add_(float(b))
     og = batch.optics_group.to(device)
-    stats.noise_weight.index_add_(0, og[rows], w.to(acc))
-    stats.noise_power.index_add_(0, og, batch.masked_shell_power_beyond.to(acc))
+    sums["noise_weight"].index_add_(0, og[rows], w.to(acc))
+    sums["noise_power"].index_add_(0, og, batch.masked_shell_power_beyond.to(acc))
 
     # ---- per-pixel terms, per (particle, class, ψ) group with Σ_t w·φ_t (GEMM)
     t_f = trans_f.shape[0]
@@ -1298,8 +1522,6 @@ def accumulate_statistics(
     u = keys.shape[0]
     key_class = (keys // r_f) % k
     key_psi = keys % r_f
-    data_rows = torch.zeros((u, n_cur), dtype=cdtype, device=device)
-    weight_rows = torch.zeros((u, n_cur), dtype=rdtype, device=device)
     ires = pixel_set.ires.to(device)  # (p,)
     if ssnr is not None:
         good_shell = ssnr.to(device)[:, : int(ires.max()) + 1] > 3.0  # (k, f')
@@ -1314,7 +1536,16 @@ def accumulate_statistics(
     xm = batch.images_masked_rfft
     noise_pixels = torch.zeros((n_og, n_cur), dtype=torch.float64, device=device)
     density = n_rows / max(1, b * k * r_f)
-    if dense_threshold is not None and _prefer_dense(density, t_f, dense_threshold):
+    # the dense form's accumulators: data (2, R, 2p) and weight (2, R, p), R = k·r_f
+    dense_bytes = 2 * k * r_f * 3 * n_cur * s_ctf.element_size()
+    use_dense = dense_threshold is not None and (
+        dense_threshold == 0
+        or (
+            _prefer_dense(density, t_f, dense_threshold)
+            and dense_bytes <= max_chunk_bytes
+        )
+    )
+    if use_dense:
         # most (particle, class, ψ) combinations carry weight (early iterations): the
         # same sums as dense GEMMs over (particle, translation) columns
         dense = _pixel_terms_dense(
@@ -1338,6 +1569,8 @@ def accumulate_statistics(
         scale_rows = torch.arange(b, device=device)
         xa, aa = xa_particle, aa_particle
     else:
+        data_rows = torch.zeros((u, n_cur), dtype=cdtype, device=device)
+        weight_rows = torch.zeros((u, n_cur), dtype=rdtype, device=device)
         scale_rows = rb
         xa = torch.empty(n_rows, dtype=rdtype, device=device)
         aa = torch.empty(n_rows, dtype=rdtype, device=device)
@@ -1381,29 +1614,31 @@ def accumulate_statistics(
     noise_shells = torch.zeros(
         (n_og, n_shells), dtype=torch.float64, device=device
     ).index_add_(1, ires, noise_pixels)
-    stats.noise_power.add_(noise_shells.to(acc))
+    sums["noise_power"].add_(noise_shells.to(acc))
     s64 = batch.scale.to(torch.float64)[scale_rows]
     grp = batch.group.to(device)[scale_rows]
-    stats.scale_xa.index_add_(0, grp, (xa.to(torch.float64) / s64).to(acc))
-    stats.scale_aa.index_add_(0, grp, (aa.to(torch.float64) / s64**2).to(acc))
+    sums["scale_xa"].index_add_(0, grp, (xa.to(torch.float64) / s64).to(acc))
+    sums["scale_aa"].index_add_(0, grp, (aa.to(torch.float64) / s64**2).to(acc))
     if mode == "vdam":
-        # Σ w·(s·CTF/σ²)·s·CTF·P per row = P·Σ w·(s·CTF)²/σ²
+        # Σ w·(s·CTF/σ²)·s·CTF·P per row = P·Σ w·(s·CTF)²/σ², in row chunks (the rows
+        # can be as many as 2·k·r_f: no full-size temporaries)
         key_ref = key_class * r_f + key_psi
-        data_rows -= fine.references.index_select(0, key_ref) * weight_rows
+        n_keys = int(key_ref.shape[0])
+        step = _rows_per_chunk(n_cur * 8 * 2, max_chunk_bytes, n_keys)
+        for i in range(0, n_keys, step):
+            sl = slice(i, i + step)
+            data_rows[sl] -= (
+                fine.references.index_select(0, key_ref[sl]) * weight_rows[sl]
+            )
 
-    # ---- insert (back-rotate) into the padded accumulators, both halves at once
-    big = stats.data.shape[-2]
-    target = keys // r_f  # (u,) = half·k + class
-    projector.backproject_pairs(
-        data_rows,
-        key_class,
-        psi_f,
-        pixel_set,
-        stats.data.view(2 * k, big, -1),
-        weights=weight_rows,
-        out_weight=stats.weight.view(2 * k, big, -1),
-        target_index=target,
-        max_chunk_bytes=max_chunk_bytes,
-        angle_index=key_psi,
+    # insertion (back-rotation) into the padded accumulators, both halves at once, is
+    # left to StatisticsUpdate.apply_to
+    return StatisticsUpdate(
+        sums=sums,
+        data_rows=data_rows,
+        weight_rows=weight_rows,
+        target=keys // r_f,  # (u,) = half·k + class
+        psi_index=key_psi,
+        psi_degrees=psi_f,
+        pixel_set=pixel_set,
     )
-    return stats

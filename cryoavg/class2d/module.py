@@ -13,9 +13,12 @@ Writing RELION files, TensorBoard images and the progress bar live in
 :mod:`cryoavg.class2d.callbacks`.
 """
 
+import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import lightning
 import numpy as np
@@ -23,7 +26,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cryoavg.class2d.accuracy import expected_accuracies
-from cryoavg.class2d.estep import accumulate_statistics, expectation_step
+from cryoavg.class2d.estep import (
+    EStepBatch,
+    StatisticsUpdate,
+    expectation_step,
+    prepare_estep_tables,
+    statistics_update,
+)
 from cryoavg.class2d.guards import check_class_images, check_particle_values
 from cryoavg.class2d.init import initialise_state
 from cryoavg.class2d.optim import EmOptimizer, StepReport, VdamOptimizer
@@ -37,12 +46,28 @@ from cryoavg.class2d.sampling import (
     next_perturbation,
 )
 from cryoavg.class2d.schedule import VdamSchedule
-from cryoavg.class2d.settings import Class2DSettings
+from cryoavg.class2d.settings import (
+    MIB,
+    Class2DSettings,
+    EStepMemoryError,
+    backed_off_budget,
+    estep_bytes_per_particle,
+    estep_memory_budget_bytes,
+    parse_estep_memory_mib,
+    particles_per_pass,
+    prepare_bytes_per_particle,
+)
 from cryoavg.class2d.state import Class2DState
 from cryoavg.class2d.statistics import Class2DStatistics
 from cryoavg.io.dataset import ParticleDataset
 
 log = logging.getLogger("cryoavg")
+
+#: what an allocation failure raises (``torch.cuda.OutOfMemoryError`` is the same class;
+#: ``torch.OutOfMemoryError`` exists from PyTorch 2.5)
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+_T = TypeVar("_T")
 
 #: per-particle result fields gathered every iteration (name -> dtype)
 PARTICLE_FIELDS: dict[str, torch.dtype] = {
@@ -70,6 +95,16 @@ class DataInfo:
     group: torch.Tensor  # (n,) int64
     ctf_premultiplied: torch.Tensor  # (g,) bool
     has_ctf: bool
+
+
+def _chunk_rows(batch: dict, start: int, stop: int) -> dict:
+    """Particles ``start:stop`` of a chunk dict (recursing into the ``ctf`` dict)."""
+    return {
+        key: _chunk_rows(value, start, stop)
+        if isinstance(value, dict)
+        else value[start:stop]
+        for key, value in batch.items()
+    }
 
 
 def iteration_subset(
@@ -167,6 +202,11 @@ class Class2DModule(lightning.LightningModule):
         Particles per E-step chunk.
     num_workers
         DataLoader workers.
+    estep_memory_mib
+        Working-memory budget of one chunk's E-step in MiB, or ``"auto"`` (see
+        :func:`~cryoavg.class2d.settings.estep_memory_budget_bytes`). Chunks whose
+        particles would not fit are split into passes; an out-of-memory error halves the
+        budget (for the rest of the run) and redoes the failed pass.
     """
 
     def __init__(
@@ -179,6 +219,7 @@ class Class2DModule(lightning.LightningModule):
         start_iteration: int = 0,
         chunk_size: int = 256,
         num_workers: int = 0,
+        estep_memory_mib: float | str | None = "auto",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -188,6 +229,16 @@ class Class2DModule(lightning.LightningModule):
         self.start_iteration = int(start_iteration)
         self.chunk_size = int(chunk_size)
         self.num_workers = int(num_workers)
+        #: the ``estep_memory_mib`` option (None = automatic)
+        self.estep_memory_mib = parse_estep_memory_mib(estep_memory_mib)
+        #: the E-step budget in bytes (``max_chunk_bytes``), re-measured every iteration
+        self.estep_memory_bytes = estep_memory_budget_bytes(
+            self.estep_memory_mib, device_type="cpu"
+        )
+        #: ceiling left by the out-of-memory back-off (kept for the rest of the run)
+        self.estep_memory_ceiling_bytes: int | None = None
+        #: number of times the back-off halved the budget
+        self.estep_memory_backoffs = 0
         self.state = Class2DState(
             settings.n_classes,
             data.box_size,
@@ -278,7 +329,13 @@ class Class2DModule(lightning.LightningModule):
         )
         rank = self.trainer.global_rank if self._trainer is not None else 0
         world = self.trainer.world_size if self._trainer is not None else 1
-        sampler = IterationSampler(self._subset, self.chunk_size, rank, world)
+        # a chunk's images are moved to the device at once: keep them within the budget
+        chunk = particles_per_pass(
+            self.estep_memory_bytes,
+            prepare_bytes_per_particle(self.data_info.box_size),
+            self.chunk_size,
+        )
+        sampler = IterationSampler(self._subset, chunk, rank, world)
         return DataLoader(
             _ChunkDataset(self.particles),
             sampler=sampler,
@@ -398,6 +455,81 @@ class Class2DModule(lightning.LightningModule):
         )
         if self.is_accuracy_iteration(iteration):
             self.estimate_accuracies(subset[:10], iteration)
+        # the reference tables first (the largest allocations that do not scale with the
+        # chunk), then the budget from the memory left
+        self._retrying(self._prepare_tables)
+        self.estep_memory_bytes = self._measure_estep_budget()
+
+    def _prepare_tables(self) -> None:
+        prepare_estep_tables(
+            self.projector,
+            self.psi_grid,
+            self.translation_grid,
+            self.pixel_set,
+            coarse_size=self.coarse_size,
+            max_chunk_bytes=self.estep_memory_bytes,
+        )
+
+    # ------------------------------------------------------------------ memory budget
+    def _measure_estep_budget(self) -> int:
+        """The E-step budget of this iteration (bytes), under the back-off ceiling."""
+        device = self.device
+        free = None
+        if device.type == "cuda" and self.estep_memory_mib is None:
+            driver_free, _ = torch.cuda.mem_get_info(device)
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(
+                device
+            )
+            free = int(driver_free) + max(0, int(cached))
+        budget = estep_memory_budget_bytes(
+            self.estep_memory_mib, device_type=device.type, free_bytes=free
+        )
+        if self.estep_memory_ceiling_bytes is not None:
+            budget = min(budget, self.estep_memory_ceiling_bytes)
+        log.debug("E-step memory budget: %.1f MiB", budget / MIB)
+        return budget
+
+    def _retrying(self, attempt: Callable[[], _T]) -> _T:
+        """``attempt()``, redone with half the budget after each out-of-memory error.
+
+        ``attempt`` must read :attr:`estep_memory_bytes` when it runs and change nothing
+        outside itself before it can no longer fail (or be resumable).
+        """
+        while True:
+            try:
+                return attempt()
+            except OutOfMemoryError as error:
+                reason = " ".join(str(error).split())
+            # outside the handler: the traceback, and with it the failed attempt's
+            # tensors, is released before the cache is emptied
+            self._back_off(reason)
+
+    def _back_off(self, reason: str) -> None:
+        """Halve the E-step budget after an out-of-memory error (or give up)."""
+        device = self.device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        old = self.estep_memory_bytes
+        new = backed_off_budget(old)
+        short = ". ".join(reason.split(". ")[:2])[:160]
+        if new is None:
+            raise EStepMemoryError(
+                f"out of memory in the Class2D E-step on {device} (iteration "
+                f"{self.iteration}) even with a working-memory budget of "
+                f"{old / MIB:.2f} MiB ({short}); free memory on the device or lower "
+                "classes, the box size or data.chunk_size"
+            )
+        self.estep_memory_bytes = new
+        self.estep_memory_ceiling_bytes = new
+        self.estep_memory_backoffs += 1
+        log.warning(
+            "E-step out of memory on %s with a %.2f MiB budget; redoing the chunk with "
+            "%.2f MiB (%s)",
+            device,
+            old / MIB,
+            new / MIB,
+            short,
+        )
 
     def is_accuracy_iteration(self, iteration: int) -> bool:
         """Whether ``iteration`` re-estimates the per-class accuracies (§A.5 step 5).
@@ -452,18 +584,50 @@ class Class2DModule(lightning.LightningModule):
 
     @torch.no_grad()
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        """E-step of one chunk: preprocess, score all poses, accumulate statistics."""
+        """E-step of one chunk: preprocess, score all poses, accumulate statistics.
+
+        The chunk is prepared in parts and scored in passes whose working memory fits
+        :attr:`estep_memory_bytes` (usually one of each). An out-of-memory error halves
+        the budget and redoes the step that failed: preparing (from the same state of the
+        background-noise generator), scoring (nothing is added to the statistics before
+        it succeeded) or adding (resumed where it stopped), so the sums are those of a run
+        without the error (up to the order of summation when the halved budget splits
+        the work differently; with ``zero_mask=false`` a part prepared in smaller pieces
+        draws its background noise in another order).
+        """
+        n = int(batch["index"].shape[0])
+        start = 0
+        while start < n:
+            state = self.noise_generator.get_state()
+            count, prepared = self._retrying(
+                functools.partial(self._prepare_particles, batch, start, state)
+            )
+            self._score_particles(prepared, batch["index"][start : start + count])
+            start += count
+
+    def _prepare_particles(
+        self, batch: dict, start: int, noise_state: torch.Tensor
+    ) -> tuple[int, EStepBatch]:
+        """E-step inputs of particles ``start:start+count`` of the chunk (count, batch)."""
         settings, state = self.settings, self.state
-        index = batch["index"].to(torch.int64)
+        self.noise_generator.set_state(noise_state)
+        count = particles_per_pass(
+            self.estep_memory_bytes,
+            prepare_bytes_per_particle(self.data_info.box_size),
+            int(batch["index"].shape[0]) - start,
+        )
+        whole = start == 0 and count == int(batch["index"].shape[0])
+        part = batch if whole else _chunk_rows(batch, start, start + count)
+        index = part["index"].to(torch.int64)
         offsets = torch.stack(
             [self.particle_offset_y_px[index], self.particle_offset_x_px[index]], dim=1
         )
-        ctf = self._ctf(batch) if settings.do_ctf and self.data_info.has_ctf else None
-        estep_batch = prepare_estep_batch(
-            batch["image"].to(self.device),
+        ctf = self._ctf(part) if settings.do_ctf and self.data_info.has_ctf else None
+        prepared = prepare_estep_batch(
+            part["image"].to(self.device),
             index=index.to(self.device),
-            optics_group=batch["optics_group"].to(self.device, torch.int64),
-            group=batch["group"].to(self.device, torch.int64),
+            optics_group=part["optics_group"].to(self.device, torch.int64),
+            group=part["group"].to(self.device, torch.int64),
             offset_px=offsets.to(self.device),
             norm_correction=self.particle_norm_correction[index].to(self.device),
             ctf=ctf,
@@ -479,8 +643,49 @@ class Class2DModule(lightning.LightningModule):
             do_norm=settings.do_norm,
             noise_generator=self.noise_generator,
         )
+        return count, prepared
+
+    def _score_particles(self, prepared: EStepBatch, index: torch.Tensor) -> None:
+        """E-step and statistics of prepared particles, in passes that fit the budget."""
+        index = index.to(torch.int64)
+        n = prepared.n_particles
+        start = 0
+        while start < n:
+            count, result, update = self._retrying(
+                functools.partial(self._score_pass, prepared, start)
+            )
+            rows = index[start : start + count]
+            check_particle_values(
+                {
+                    "log-likelihood": result.log_likelihood,
+                    "norm correction": result.norm_correction,
+                    "offset": result.best_offset_px,
+                },
+                rows,
+                names=lambda: self.particles.table.image_names,
+                iteration=self.iteration,
+            )
+            self._retrying(functools.partial(self._apply_update, update))
+            self._record(rows, result)
+            start += count
+
+    def _score_pass(self, prepared: EStepBatch, start: int) -> tuple:
+        """E-step and statistics update of one pass (nothing is added yet)."""
+        settings, state = self.settings, self.state
+        budget = self.estep_memory_bytes
+        n_significant = settings.effective_max_significant or 5 * settings.n_classes
+        count = particles_per_pass(
+            budget,
+            estep_bytes_per_particle(self.pixel_set.n_pixels, n_significant),
+            prepared.n_particles - start,
+        )
+        part = (
+            prepared
+            if count == prepared.n_particles
+            else prepared.rows(start, start + count)
+        )
         result = expectation_step(
-            estep_batch,
+            part,
             self.projector,
             self.psi_grid,
             self.translation_grid,
@@ -493,19 +698,10 @@ class Class2DModule(lightning.LightningModule):
             max_significant=settings.effective_max_significant or -1,
             adaptive_fraction=settings.adaptive_fraction,
             avg_norm=float(state.avg_norm),
+            max_chunk_bytes=budget,
         )
-        check_particle_values(
-            {
-                "log-likelihood": result.log_likelihood,
-                "norm correction": result.norm_correction,
-                "offset": result.best_offset_px,
-            },
-            index,
-            names=lambda: self.particles.table.image_names,
-            iteration=self.iteration,
-        )
-        accumulate_statistics(
-            estep_batch,
+        update = statistics_update(
+            part,
             result,
             self.projector,
             self.psi_grid,
@@ -516,7 +712,17 @@ class Class2DModule(lightning.LightningModule):
             class_offset_prior_angstrom=state.class_offset_prior_angstrom,
             pixel_size=self.data_info.pixel_size_angstrom,
             ssnr=state.ssnr,
+            max_chunk_bytes=budget,
         )
+        return count, result, update
+
+    def _apply_update(self, update: StatisticsUpdate) -> None:
+        update.apply_to(
+            self._stats, self.projector, max_chunk_bytes=self.estep_memory_bytes
+        )
+
+    def _record(self, index: torch.Tensor, result) -> None:
+        """Store the per-particle results of particles ``index``."""
         position = self._position[index.cpu()]
         values = {
             "class_index": result.best_class,

@@ -139,6 +139,7 @@ class VdamOptimizer(_Class2DOptimizer):
             schedule.momentum(iteration),
             allow_class_replacement=schedule.in_replacement_window(iteration),
             class_inactivity_threshold=self.settings.class_inactivity_threshold,
+            expand_class=self.settings.expand_class,
             do_norm=self.settings.do_norm,
             do_scale=self.settings.do_scale,
         )

@@ -238,6 +238,23 @@ class ClassProjector:
         per_psi = max(1, n_rows * n_pix * 4 * self.data.element_size() * 3)
         return max(1, min(n_psi, max_chunk_bytes // per_psi))
 
+    def pair_rows_per_step(self, n_pixels: int, max_chunk_bytes: int) -> int:
+        """Rows inserted per step by :meth:`backproject_pairs` (its chunk size).
+
+        The steps are small (temporaries of at most ~4 MiB stay cache-sized and are
+        recycled by the allocator) and each allocates all its temporaries before adding
+        anything, so a caller can insert row blocks of this size one call at a time and
+        resume after an out-of-memory error without adding a row twice.
+
+        Parameters
+        ----------
+        n_pixels
+            ``p``, pixels per row.
+        max_chunk_bytes
+            The caller's bound on temporary memory.
+        """
+        return self._chunk(1, 1 << 62, n_pixels, min(max_chunk_bytes, 1 << 22))
+
     def rotated_references(
         self,
         psi_degrees: torch.Tensor,
@@ -491,18 +508,26 @@ class ClassProjector:
         )
         offset = target.to(index.device) * m  # (n,)
         # small chunks: the temporaries stay cache-sized (and are recycled by malloc)
-        step = self._chunk(1, n, p, min(max_chunk_bytes, 1 << 22))
+        step = min(max(1, n), self.pair_rows_per_step(p, max_chunk_bytes))
         data_flat = out_data.view(-1) if out_data is not None else None
         weight_flat = out_weight.view(-1) if out_weight is not None else None
         for i in range(0, n, step):
             sel = inverse[i : i + step]
             flat_index = (index[sel] + offset[i : i + step, None, None]).reshape(-1)
             bw = weight[sel]  # (c, p, 4)
+            # every temporary of the step first, then the additions (see
+            # pair_rows_per_step: an allocation failure leaves the accumulators as
+            # they were)
+            contrib = wv = None
             if values is not None and data_flat is not None:
                 v = values[i : i + step]  # (c, p)
                 v = torch.where(conj[sel], v.conj(), v)
                 contrib = (v[..., None] * bw.to(v.real.dtype)).reshape(-1)  # (c·p·4,)
-                data_flat.index_add_(0, flat_index, contrib.to(data_flat.dtype))
+                contrib = contrib.to(data_flat.dtype)
             if weights is not None and weight_flat is not None:
                 wv = (weights[i : i + step, :, None] * bw.to(weights.dtype)).reshape(-1)
-                weight_flat.index_add_(0, flat_index, wv.to(weight_flat.dtype))
+                wv = wv.to(weight_flat.dtype)
+            if contrib is not None:
+                data_flat.index_add_(0, flat_index, contrib)
+            if wv is not None:
+                weight_flat.index_add_(0, flat_index, wv)

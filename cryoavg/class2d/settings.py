@@ -12,7 +12,11 @@ and ``offset_step_px=1`` give a coarse search of 12° and 2 px, refined to 6° /
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from cryoavg.errors import ConfigError
+from cryoavg.errors import ConfigError, CryoavgError
+
+#: which class a re-seeded (inactive) class copies in VDAM: the most populated one
+#: (cryoavg's default) or the one with the largest class error (RELION's rule)
+EXPAND_CLASS_RULES = ("largest", "gradient")
 
 
 @dataclass
@@ -54,6 +58,10 @@ class Class2DSettings:
         Per-particle norm and per-group scale corrections (``--norm``, ``--scale``).
     class_inactivity_threshold
         Re-seed classes whose share falls below this fraction of 1/K_active (VDAM only).
+    expand_class
+        Which class a re-seeded class copies (VDAM only): ``"largest"`` (the most
+        populated class) or ``"gradient"`` (RELION's rule, the largest π-weighted
+        gradient). Not in RELION's files: on continue it comes from the command line.
     seed
         Random seed (``--random_seed``).
     write_every
@@ -94,6 +102,7 @@ class Class2DSettings:
     do_norm: bool = True
     do_scale: bool = True
     class_inactivity_threshold: float = 0.1
+    expand_class: str = "largest"
     seed: int = 1
     write_every: int = 10
     mask_edge_px: float = 5.0
@@ -145,6 +154,11 @@ class Class2DSettings:
         ConfigError
             With a one-line explanation naming the offending key.
         """
+        if self.expand_class not in EXPAND_CLASS_RULES:
+            raise ConfigError(
+                f"expand_class must be one of {', '.join(EXPAND_CLASS_RULES)}, "
+                f"got {self.expand_class!r}"
+            )
         if self.algorithm not in ("vdam", "em"):
             raise ConfigError(
                 f"algorithm must be 'vdam' or 'em', got {self.algorithm!r}"
@@ -203,3 +217,174 @@ class Class2DSettings:
         """Build from a dict, ignoring unknown keys."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------
+# E-step memory budget (config key ``estep_memory_mib``)
+
+#: bytes in a MiB
+MIB = 1 << 20
+#: E-step working memory with ``estep_memory_mib=auto`` off the GPU: the bound on chunked
+#: temporaries the E-step has always used on CPUs (256 MiB), so CPU runs keep their speed
+CPU_ESTEP_MEMORY_BYTES = 256 * MIB
+#: share of the free GPU memory (measured after the iteration's reference tables are
+#: built) that ``auto`` gives to one chunk's E-step; the rest absorbs what the estimate
+#: does not count (allocator fragmentation, CUDA workspaces, small tensors)
+GPU_MEMORY_FRACTION = 0.6
+#: upper bound of the automatic GPU budget: beyond a few GiB per chunk the GEMMs are no
+#: faster, and a smaller working set leaves room for the statistics and the M-step
+MAX_AUTO_ESTEP_MEMORY_BYTES = 8 << 30
+#: the out-of-memory back-off gives up when the halved budget falls below this
+MIN_ESTEP_MEMORY_BYTES = 1 * MIB
+#: working memory per particle (bytes) of the image-sized tensors of preparing a chunk
+#: (raw, normalised, shifted and masked images, background noise, their transforms,
+#: the CTF), per pixel of the box
+PREPARE_BYTES_PER_BOX_PIXEL = 48
+#: working memory per particle of the per-particle vectors of the E-step and of the
+#: statistics (gathered inputs and their weighted copies), per pixel of the pixel set
+ESTEP_BYTES_PER_PIXEL = 160
+#: working memory per particle and significant coarse sample (dense fine-pass layouts of
+#: 8 fine samples in float64, sorting, the sparse fine-pass entries)
+ESTEP_BYTES_PER_SIGNIFICANT = 1100
+
+
+class EStepMemoryError(CryoavgError):
+    """The E-step ran out of memory even with the smallest budget."""
+
+
+def parse_estep_memory_mib(value: Any) -> float | None:
+    """The ``estep_memory_mib`` config value: ``None`` for ``auto``, else MiB (> 0).
+
+    Parameters
+    ----------
+    value
+        ``"auto"`` (or ``None``), or a positive number of MiB (int, float or numeric
+        string).
+
+    Returns
+    -------
+    float or None
+
+    Raises
+    ------
+    ConfigError
+        For anything else.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        mib = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"estep_memory_mib={value!r}: expected 'auto' or a number of MiB"
+        ) from None
+    if not mib > 0 or mib == float("inf"):
+        raise ConfigError(f"estep_memory_mib must be 'auto' or > 0, got {value}")
+    return mib
+
+
+def estep_memory_budget_bytes(
+    memory_mib: float | None,
+    *,
+    device_type: str,
+    free_bytes: int | None = None,
+) -> int:
+    """Working-memory budget of one chunk's E-step (its ``max_chunk_bytes``).
+
+    Parameters
+    ----------
+    memory_mib
+        The parsed ``estep_memory_mib`` (:func:`parse_estep_memory_mib`); ``None`` =
+        automatic.
+    device_type
+        ``"cuda"``, ``"cpu"``, ... (of the device the E-step runs on).
+    free_bytes
+        Free device memory (CUDA: driver-free plus PyTorch's cached, unused blocks),
+        measured after the iteration's reference tables are built; ``None`` = unknown.
+
+    Returns
+    -------
+    int
+        Bytes. An explicit value is used as given; ``auto`` is
+        :data:`GPU_MEMORY_FRACTION` of ``free_bytes`` on CUDA, clamped to
+        [:data:`MIN_ESTEP_MEMORY_BYTES`, :data:`MAX_AUTO_ESTEP_MEMORY_BYTES`], and
+        :data:`CPU_ESTEP_MEMORY_BYTES` elsewhere (or when ``free_bytes`` is unknown).
+    """
+    if memory_mib is not None:
+        return max(1, int(memory_mib * MIB))
+    if device_type != "cuda" or free_bytes is None:
+        return CPU_ESTEP_MEMORY_BYTES
+    budget = int(GPU_MEMORY_FRACTION * max(0, int(free_bytes)))
+    return min(MAX_AUTO_ESTEP_MEMORY_BYTES, max(MIN_ESTEP_MEMORY_BYTES, budget))
+
+
+def backed_off_budget(budget_bytes: int) -> int | None:
+    """The budget after an out-of-memory error: half, or ``None`` below the floor.
+
+    Parameters
+    ----------
+    budget_bytes
+        The budget that ran out of memory.
+
+    Returns
+    -------
+    int or None
+        ``budget_bytes // 2``, or ``None`` when that is below
+        :data:`MIN_ESTEP_MEMORY_BYTES` (give up).
+    """
+    halved = int(budget_bytes) // 2
+    return halved if halved >= MIN_ESTEP_MEMORY_BYTES else None
+
+
+def particles_per_pass(
+    budget_bytes: int, bytes_per_particle: int, n_particles: int
+) -> int:
+    """Particles processed at once so that their working memory fits the budget.
+
+    The ``n_particles`` of a chunk are split into ``ceil(n / (budget // per particle))``
+    passes of equal size (at least one particle per pass).
+
+    Parameters
+    ----------
+    budget_bytes
+        The E-step budget.
+    bytes_per_particle
+        Working memory of one particle (:func:`prepare_bytes_per_particle`,
+        :func:`estep_bytes_per_particle`).
+    n_particles
+        Particles in the chunk.
+
+    Returns
+    -------
+    int
+        Particles per pass, in ``[1, max(1, n_particles)]``.
+    """
+    n = max(1, int(n_particles))
+    fit = max(1, int(budget_bytes) // max(1, int(bytes_per_particle)))
+    if fit >= n:
+        return n
+    passes = -(-n // fit)
+    return -(-n // passes)
+
+
+def prepare_bytes_per_particle(box_size: int) -> int:
+    """Working memory of preparing one particle's E-step inputs (bytes, estimate)."""
+    return PREPARE_BYTES_PER_BOX_PIXEL * int(box_size) ** 2
+
+
+def estep_bytes_per_particle(n_pixels: int, n_significant: int) -> int:
+    """Working memory of one particle in the E-step and statistics (bytes, estimate).
+
+    Parameters
+    ----------
+    n_pixels
+        ``p``, pixels of the current image size.
+    n_significant
+        Significant coarse samples expected per particle (the cap ``max_significant``;
+        the E-step's own chunking bounds everything that scales with the full search).
+    """
+    return ESTEP_BYTES_PER_PIXEL * int(n_pixels) + ESTEP_BYTES_PER_SIGNIFICANT * int(
+        n_significant
+    )

@@ -77,6 +77,7 @@ CONFIG_TYPES: dict[str, type] = {
     **dict.fromkeys(
         (
             "algorithm",
+            "expand_class",
             "particles",
             "output",
             "continue_from",
@@ -131,6 +132,7 @@ def settings_from_config(cfg: DictConfig):
         do_norm=bool(cfg.norm),
         do_scale=bool(cfg.scale),
         class_inactivity_threshold=float(cfg.class_inactivity_threshold),
+        expand_class=str(cfg.expand_class),
         seed=int(cfg.seed),
         write_every=int(cfg.write_every),
         preread_images=bool(cfg.preread),
@@ -349,6 +351,9 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     settings = settings_from_config(cfg)
     settings.validate()
+    from cryoavg.class2d.settings import parse_estep_memory_mib
+
+    estep_memory_mib = parse_estep_memory_mib(cfg.get("estep_memory_mib", "auto"))
     continue_from = Path(cfg.continue_from) if cfg.continue_from else None
     ckpt_path = None
     ckpt_info: dict[str, Any] | None = None
@@ -377,6 +382,8 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             settings = continuation.settings
         settings.n_iterations = int(cfg.iterations)
         settings.write_every = int(cfg.write_every)
+        # cryoavg's own option, not stored in RELION's files
+        settings.expand_class = str(cfg.expand_class)
         settings.validate()
     if continuation is None and particles_star is not None:
         # validation at the door: every problem of the STAR file and the stack headers
@@ -459,6 +466,7 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             start_iteration=continuation.iteration if continuation is not None else 0,
             chunk_size=int(cfg.data.chunk_size),
             num_workers=int(cfg.data.num_workers),
+            estep_memory_mib=estep_memory_mib,
         )
         module.run_info = {
             "particles": str(Path(table.path).resolve()),

@@ -240,6 +240,33 @@ def test_offset_prior_uses_angstrom(grids):
     assert float(parent.abs().max()) <= 0.5 + 1e-9
 
 
+def test_far_class_offset_prior_costs_class_weight(grids):
+    """Identical classes, class 1's prior offset 3σ away: class 0 gets the particles.
+
+    The offset prior is normalised per particle, not per class (§A.6.4), so a class
+    whose prior offset lies far from the particle pays for it in the class posterior.
+    """
+    _, _, ps = grids
+    gen = torch.Generator().manual_seed(9)
+    b = 8
+    noise = torch.complex(
+        torch.randn(b, ps.n_pixels, generator=gen, dtype=torch.float64),
+        torch.randn(b, ps.n_pixels, generator=gen, dtype=torch.float64),
+    )
+    batch = make_batch(noise, ps, sigma2=1.0)
+    mu = torch.zeros(K, 2, dtype=torch.float64)
+    mu[1] = torch.tensor([30.0, 0.0])  # Å; σ_off = 10 Å
+    _, res = run_estep(
+        batch,
+        torch.zeros(K, N, N, dtype=torch.float64),
+        grids,
+        class_offset_prior_angstrom=mu,
+        sigma2_offset_angstrom2=100.0,
+        pixel_size=2.0,
+    )
+    assert not bool((res.best_class == 1).any())
+
+
 def test_float32_batch(synthetic, grids):
     psi, trans, ps = grids
     syn = synthetic(psi, trans, ps, n_particles=15, snr=0.5, seed=7)
@@ -534,8 +561,9 @@ def _naive_estep_and_statistics(batch, proj, psi, trans, ps, *, opts, ssnr, mode
     o_abs = opts["pixel_size"] * (batch.offset_px[:, None] + trans.coarse_px[None])
     d_mu = o_abs[:, :, None, :] - opts["class_offset_prior_angstrom"][None, None]
     log_off = -(d_mu**2).sum(-1) / (2 * opts["sigma2_offset_angstrom2"])
-    log_off = log_off - torch.logsumexp(log_off, 1, keepdim=True)
-    log_off = log_off + math.log(trans.n_coarse)
+    # one constant per particle (mean over translations and classes), §A.6.4
+    log_off = log_off - torch.logsumexp(log_off.flatten(1), 1)[:, None, None]
+    log_off = log_off + math.log(trans.n_coarse * k)
     log_prior = log_off + log_pi  # (b, t_c, k)
     af, m = 0.999, 5 * k
     r_c, r_f = psi.n_coarse, psi.n_fine

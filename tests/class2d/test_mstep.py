@@ -296,6 +296,7 @@ def update_with_replacement(state, stats):
         0.9,
         allow_class_replacement=True,
         class_inactivity_threshold=0.1,
+        expand_class="gradient",
     )
 
 
@@ -328,6 +329,32 @@ def test_replacement_copies_the_offset_prior():
     offsets = state.class_offset_prior_angstrom
     assert float((offsets[2] - offsets[0]).norm()) < 2.0
     assert float(offsets[2].norm()) < 5.0
+
+
+@pytest.mark.parametrize(("rule", "expected"), [("largest", 1), ("gradient", 0)])
+def test_expand_class_rule(rule, expected):
+    """Class 0 has the largest error, class 1 the largest share; the rule picks."""
+    state, stats = replacement_setup([0.39, 0.6, 0.01])
+    old_images = state.class_images.clone()
+    result = mstep.vdam_update(
+        state,
+        stats,
+        0.3,
+        2.0,
+        0.9,
+        allow_class_replacement=True,
+        class_inactivity_threshold=0.1,
+        expand_class=rule,
+    )
+    assert int(torch.argmax(result.class_error)) == 0
+    assert (result.expanded_class, result.replaced_class) == (expected, 2)
+    assert torch.equal(state.class_images[2], old_images[expected])
+
+
+def test_expand_class_rule_is_checked():
+    state, stats = replacement_setup([0.6, 0.39, 0.01])
+    with pytest.raises(ValueError, match="expand_class"):
+        mstep.vdam_update(state, stats, 0.3, 2.0, 0.9, expand_class="random")
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,8 @@ JOBS = {
             "norm",
             "scale",
             "class_inactivity_threshold",
+            "expand_class",
+            "estep_memory_mib",
             "seed",
             "write_every",
             "preread",
