@@ -41,6 +41,7 @@ from cryoavg.ops.masks import (
 from cryoavg.ops.shifts import phase_shift_dft_2d
 
 __all__ = [
+    "EmUpdateResult",
     "VdamUpdateResult",
     "center_classes",
     "class_power_spectrum",
@@ -55,6 +56,22 @@ __all__ = [
 ]
 
 _MIN_SIGMA2_NOISE = 1e-14
+
+
+@dataclass(frozen=True)
+class EmUpdateResult:
+    """What :func:`em_update` did besides the update: the class split (if any).
+
+    Attributes
+    ----------
+    expanded_class
+        0-based class that was split (None if no class was re-seeded).
+    replaced_class
+        0-based class that received its second half (None if none).
+    """
+
+    expanded_class: int | None
+    replaced_class: int | None
 
 
 @dataclass(frozen=True)
@@ -368,7 +385,9 @@ def em_update(
     fix_sigma_noise: bool = False,
     fix_sigma_offset: bool = False,
     min_sigma2_offset_angstrom2: float | None = 2.0,
-) -> None:
+    allow_class_replacement: bool = False,
+    class_inactivity_threshold: float = 0.0,
+) -> EmUpdateResult:
     """EM M-step (§A.7): new class images and all other parameters, in place.
 
     For each class, with ``D``/``W`` the sums of both pseudo half-set accumulators::
@@ -381,6 +400,15 @@ def em_update(
     ``N/2``, width 3 px) and divide by ``sinc²(r/(pad·N))``. τ² is the power spectrum of
     the current class image (the one the E-step projected). Classes whose prior π_k was
     0 are set to zero. Then :func:`update_other_parameters` with ``mu = 0``.
+
+    Class re-seeding (cryoavg's extension; RELION's EM has none): with
+    ``allow_class_replacement`` and a positive ``class_inactivity_threshold`` c, if the
+    least populated class has ``π < c / K_active`` it takes the place of half of the
+    most populated class: the two pseudo half-set reconstructions of that class become
+    the two classes (the most populated keeps half 0, the re-seeded one gets half 1),
+    and both get half of its share π, its offset prior, τ² and SSNR. The two halves
+    differ by noise only, so a class that holds one view merges back, while a class
+    that averages several views can divide into them.
 
     Parameters
     ----------
@@ -398,6 +426,15 @@ def em_update(
         First shell that is regularised (RELION ``--minres_map``, 5).
     do_norm, do_scale, fix_sigma_noise, fix_sigma_offset, min_sigma2_offset_angstrom2
         See :func:`update_other_parameters`.
+    allow_class_replacement
+        Whether this iteration may re-seed a class.
+    class_inactivity_threshold
+        c; 0 disables re-seeding.
+
+    Returns
+    -------
+    EmUpdateResult
+        The split class and the re-seeded one (both None when nothing happened).
 
     Raises
     ------
@@ -406,13 +443,16 @@ def em_update(
     """
     if tau2_fudge <= 0:
         raise ValueError(f"tau2_fudge must be > 0, got {tau2_fudge}")
+    if class_inactivity_threshold < 0:
+        raise ValueError(
+            f"class_inactivity_threshold must be >= 0, got {class_inactivity_threshold}"
+        )
     _check_shapes(state, stats)
     n, pad = state.box_size, state.pad
     dtype = state.class_images.dtype
     device = state.class_images.device
     r_max = int(state.current_size) / 2.0
     grid = _padded_grid(n, pad, r_max, device=device, dtype=dtype)
-    osc = float(pad * pad)
 
     tau2 = class_power_spectrum(state.class_images, pad, int(state.current_size))
     weight = stats.weight.sum(dim=0).to(dtype)  # (k, P, P//2+1)
@@ -421,6 +461,88 @@ def em_update(
         weight, tau2, tau2_fudge, grid, pad, r_max
     )
 
+    images = _em_images(
+        data, weight, tau2, tau2_fudge, grid, n, pad, do_map=do_map, minres_map=minres_map
+    )
+    prior_old = state.class_prior.clone()
+    empty = prior_old <= 0
+    images = torch.where(empty[:, None, None], torch.zeros_like(images), images)
+    images = torch.nan_to_num(images, nan=0.0, posinf=0.0, neginf=0.0)
+
+    expanded: int | None = None
+    replaced: int | None = None
+    if allow_class_replacement and class_inactivity_threshold > 0:
+        n_active = int((prior_old > 0).sum())
+        drop = int(torch.argmin(prior_old))
+        expand = int(torch.argmax(prior_old))
+        threshold = class_inactivity_threshold / max(n_active, 1)
+        halves_weight = stats.weight[:, expand].to(dtype)  # (2, P, P//2+1)
+        if (
+            drop != expand
+            and float(prior_old[drop]) < threshold
+            and bool((halves_weight.flatten(1).sum(1) > 0).all())
+        ):
+            halves = _em_images(
+                stats.data[:, expand].to(state.moment1.dtype),
+                halves_weight,
+                tau2[expand].expand(2, -1),
+                tau2_fudge,
+                grid,
+                n,
+                pad,
+                do_map=do_map,
+                minres_map=minres_map,
+            )  # (2, N, N)
+            halves = torch.nan_to_num(halves, nan=0.0, posinf=0.0, neginf=0.0)
+            images[expand] = halves[0]
+            images[drop] = halves[1]
+            expanded, replaced = expand, drop
+            for table in (tau2, ssnr, completeness, sigma2_class):
+                table[drop] = table[expand]
+
+    state.class_images.copy_(images)
+    state.tau2.copy_(tau2)
+    state.ssnr.copy_(ssnr)
+    state.fourier_completeness.copy_(completeness)
+    state.sigma2_class.copy_(sigma2_class)
+    state.tau2_fudge.fill_(float(tau2_fudge))
+    update_other_parameters(
+        state,
+        stats,
+        mu=0.0,
+        do_norm=do_norm,
+        do_scale=do_scale,
+        fix_sigma_noise=fix_sigma_noise,
+        fix_sigma_offset=fix_sigma_offset,
+        min_sigma2_offset_angstrom2=min_sigma2_offset_angstrom2,
+    )
+    if replaced is not None and expanded is not None:
+        share = 0.5 * float(state.class_prior[expanded])
+        state.class_prior[expanded] = share
+        state.class_prior[replaced] = share
+        state.class_prior.div_(state.class_prior.sum().clamp(min=1e-30))
+        state.class_offset_prior_angstrom[replaced] = state.class_offset_prior_angstrom[
+            expanded
+        ]
+    return EmUpdateResult(expanded_class=expanded, replaced_class=replaced)
+
+
+def _em_images(
+    data: torch.Tensor,
+    weight: torch.Tensor,
+    tau2: torch.Tensor,
+    tau2_fudge: float,
+    grid: _PaddedGrid,
+    n: int,
+    pad: int,
+    *,
+    do_map: bool,
+    minres_map: int,
+) -> torch.Tensor:
+    """Class images ``(k, N, N)`` from EM sums ``(k, P, P//2+1)`` (§A.7, see em_update)."""
+    dtype = weight.dtype
+    device = weight.device
+    osc = float(pad * pad)
     # regularised weight
     regularise = grid.shell >= minres_map  # (P, P//2+1)
     if do_map:
@@ -445,27 +567,7 @@ def em_update(
 
     images = _padded_to_image(dft, n, pad)  # (k, N, N)
     images = soft_mask_outside_2d(images, n / 2.0, 3.0)
-    images = images / gridding_correction_map(n, pad, dtype=dtype, device=device)
-    empty = state.class_prior <= 0
-    images = torch.where(empty[:, None, None], torch.zeros_like(images), images)
-    images = torch.nan_to_num(images, nan=0.0, posinf=0.0, neginf=0.0)
-
-    state.class_images.copy_(images)
-    state.tau2.copy_(tau2)
-    state.ssnr.copy_(ssnr)
-    state.fourier_completeness.copy_(completeness)
-    state.sigma2_class.copy_(sigma2_class)
-    state.tau2_fudge.fill_(float(tau2_fudge))
-    update_other_parameters(
-        state,
-        stats,
-        mu=0.0,
-        do_norm=do_norm,
-        do_scale=do_scale,
-        fix_sigma_noise=fix_sigma_noise,
-        fix_sigma_offset=fix_sigma_offset,
-        min_sigma2_offset_angstrom2=min_sigma2_offset_angstrom2,
-    )
+    return images / gridding_correction_map(n, pad, dtype=dtype, device=device)
 
 
 def _check_shapes(state: Class2DState, stats: Class2DStatistics) -> None:

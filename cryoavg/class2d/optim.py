@@ -154,6 +154,15 @@ class VdamOptimizer(_Class2DOptimizer):
         return self._post_update(iteration, report)
 
 
+def em_replacement_window(iteration: int, n_iterations: int) -> bool:
+    """Whether EM iteration ``iteration`` (1-based) may re-seed an inactive class.
+
+    From the second iteration to 80 % of the run (2–20 of 25), so that the last
+    iterations refine a stable set of classes.
+    """
+    return 1 < iteration <= int(0.8 * n_iterations)
+
+
 class EmOptimizer(_Class2DOptimizer):
     """Classic expectation-maximisation M-step (all particles every iteration)."""
 
@@ -163,12 +172,16 @@ class EmOptimizer(_Class2DOptimizer):
     ) -> StepReport:
         """Apply the EM update of ``iteration``."""
         tau2_fudge = self.settings.tau2_fudge
-        em_update(
+        result = em_update(
             self.model_state,
             stats,
             tau2_fudge,
             do_norm=self.settings.do_norm,
             do_scale=self.settings.do_scale,
+            allow_class_replacement=em_replacement_window(
+                iteration, self.settings.n_iterations
+            ),
+            class_inactivity_threshold=self.settings.class_inactivity_threshold,
         )
         self.model_state.tau2_fudge.fill_(tau2_fudge)
         report = StepReport(
@@ -176,5 +189,7 @@ class EmOptimizer(_Class2DOptimizer):
             step_size=1.0,
             tau2_fudge=tau2_fudge,
             current_size=int(self.model_state.current_size),
+            replaced_class=result.replaced_class,
+            expanded_class=result.expanded_class,
         )
         return self._post_update(iteration, report)

@@ -57,7 +57,8 @@ class Class2DSettings:
     do_norm, do_scale
         Per-particle norm and per-group scale corrections (``--norm``, ``--scale``).
     class_inactivity_threshold
-        Re-seed classes whose share falls below this fraction of 1/K_active (VDAM only).
+        Re-seed classes whose share falls below this fraction of 1/K_active (VDAM: a
+        copy of a populated class; EM: half of the most populated class).
     expand_class
         Which class a re-seeded class copies (VDAM only): ``"largest"`` (the most
         populated class) or ``"gradient"`` (RELION's rule, the largest π-weighted

@@ -102,6 +102,71 @@ def test_em_update_regularisation_shrinks_and_ssnr_limited_to_current_size():
     assert float(state.tau2_fudge) == 2.0
 
 
+def _em_split_setup(priors):
+    """Class 0 is seen as image A in half 0 and image B in half 1; class 1 as itself."""
+    a, b = gaussian(-3, 0, 2), gaussian(3, 0, 2)
+    images = torch.stack([0.5 * (a + b), gaussian(0, 3, 3), gaussian(1, 1, 2)])
+    state = make_state(images)
+    state.class_prior.copy_(torch.tensor(priors))
+    state.class_offset_prior_angstrom[0] = torch.tensor([2.0, -1.0])
+    stats = zero_stats(state)
+    stats.data[0, 0] = mstep.padded_dft_2d(a[None])[0]
+    stats.data[1, 0] = mstep.padded_dft_2d(b[None])[0]
+    stats.data[0, 1] = mstep.padded_dft_2d(images[1:2])[0]
+    stats.weight[:, :2] = 1.0
+    stats.class_weight[:] = torch.tensor([6.0, 3.9, 0.1])
+    return state, stats, a, b
+
+
+def test_em_reseeding_splits_the_largest_class_into_its_halves():
+    state, stats, a, b = _em_split_setup([0.6, 0.39, 0.01])
+    result = mstep.em_update(
+        state,
+        stats,
+        tau2_fudge=1e8,
+        allow_class_replacement=True,
+        class_inactivity_threshold=0.1,
+    )
+    assert (result.expanded_class, result.replaced_class) == (0, 2)
+    assert correlation(state.class_images[0], a) > 0.99
+    assert correlation(state.class_images[2], b) > 0.99
+    assert float(state.class_prior[0]) == pytest.approx(float(state.class_prior[2]))
+    assert float(state.class_prior.sum()) == pytest.approx(1.0)
+    assert torch.equal(
+        state.class_offset_prior_angstrom[2], state.class_offset_prior_angstrom[0]
+    )
+    assert torch.equal(state.tau2[2], state.tau2[0])
+
+
+@pytest.mark.parametrize(
+    ("priors", "allow", "threshold"),
+    [
+        ([0.6, 0.39, 0.01], False, 0.1),  # outside the window
+        ([0.5, 0.3, 0.2], True, 0.1),  # above 0.1 / K_active
+        ([0.6, 0.39, 0.01], True, 0.0),  # threshold off
+    ],
+)
+def test_em_no_reseeding(priors, allow, threshold):
+    state, stats, a, b = _em_split_setup(priors)
+    result = mstep.em_update(
+        state,
+        stats,
+        tau2_fudge=1e8,
+        allow_class_replacement=allow,
+        class_inactivity_threshold=threshold,
+    )
+    assert (result.expanded_class, result.replaced_class) == (None, None)
+    assert correlation(state.class_images[0], a + b) > 0.99  # both halves summed
+
+
+def test_em_replacement_window():
+    from cryoavg.class2d.optim import em_replacement_window
+
+    assert [i for i in range(1, 26) if em_replacement_window(i, 25)] == list(
+        range(2, 21)
+    )
+
+
 def test_em_update_empty_classes_are_zero_and_finite():
     images = torch.stack([target_image(), gaussian(0, 0, 3), gaussian(1, 1, 2)])
     state = make_state(images)
