@@ -12,12 +12,23 @@ Reported:
   0.25 and 0.5, with all model values (``full``) and as a bare stack (``bare``);
 * ROC-AUC of the class score against the class label (``train_ranker.is_good``) over all
   snapshots from iteration 10 on;
-* the scores of the real class averages ``/work/shared/data/class_averages/*.mrc``
-  (bare-stack mode, pixel size ``--real-pixel-size``).
+* the scores of the real class averages ``$CRYOAVG_SHARED/data/class_averages/*.mrc``
+  (bare-stack mode, pixel size ``--real-pixel-size`` and 1.0 / 2.0 Å/px), and what drives
+  them (:func:`explain_real_averages`; alone with ``--explain-only``).
+
+``--weights`` evaluates another checkpoint than the shipped one.
 
 Usage::
 
-    python scripts/eval_ranker.py --work /tmp/ranker_eval --seed 7
+    python scripts/eval_ranker.py --work /tmp/ranker_eval --seed 7 --jobs 1 --threads 1 \\
+        --cryoavg-path <copy of the checkout>
+
+Figures of the shipped weights (sha256 248478ae…) on the seed-7 held-out datasets (class
+score ≥ 0.25, all model values; in brackets the previous weights bb942087… on the same
+datasets): particle F1 blob9001 0.941 (0.971), blob9002 0.956 (0.956), prohibitin 0.897
+(0.730), ribosome70S 0.617 (0.000); pooled ROC-AUC 0.945 (0.891), bare stack 0.914 (0.869).
+Real averages, bare stack at 1.3 Å/px: fiftys 0.979 (0.969), seventys 0.864 (0.157).
+docs/select.md has the full table.
 """
 
 import argparse
@@ -34,9 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_ranker as tr
 
-from cryoavg.select.ranker import score_classes
+from cryoavg.select.features import IMAGE_FEATURES
+from cryoavg.select.ranker import load_ranker, score_classes
 
-REAL_AVERAGES = tr.REPO.parent / "shared" / "data" / "class_averages"
+REAL_AVERAGES = tr.SHARED / "data" / "class_averages"
+#: the checkpoint evaluated (``--weights``; None = the shipped one)
+WEIGHTS: list[Path | None] = [None]
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -71,7 +85,9 @@ def score_snapshot(c2d: Path, classes, general, iteration: int, mode: str, diame
     )
     if mode == "bare":
         return score_classes(
-            images, pixel_size_angstrom=float(general["rlnPixelSize"])
+            images,
+            pixel_size_angstrom=float(general["rlnPixelSize"]),
+            weights=WEIGHTS[0],
         ).scores
     dist = classes.rlnClassDistribution.to_numpy(dtype=float)
     return score_classes(
@@ -85,6 +101,7 @@ def score_snapshot(c2d: Path, classes, general, iteration: int, mode: str, diame
             dtype=float
         ),
         resolution_angstrom=classes.rlnEstimatedResolution.to_numpy(dtype=float),
+        weights=WEIGHTS[0],
     ).scores
 
 
@@ -153,10 +170,58 @@ def real_average_scores(pixel_size: float, diameter: float | None) -> dict:
         data = mrcfile.read(path).astype(np.float32)
         images = torch.from_numpy(data.reshape(-1, *data.shape[-2:]).copy())
         result = score_classes(
-            images, pixel_size_angstrom=pixel_size, particle_diameter_angstrom=diameter
+            images,
+            pixel_size_angstrom=pixel_size,
+            particle_diameter_angstrom=diameter,
+            weights=WEIGHTS[0],
         )
         out[path.name] = [round(float(s), 3) for s in result.scores]
     return out
+
+
+def explain_real_averages(pixel_size: float, n_top: int = 6) -> None:
+    """What drives the bare-stack score of each real average (printed).
+
+    For every image: the score; the score with the CNN image blanked (features only);
+    the score with all 27 image features set to their training means (CNN only); the
+    image features furthest from the training distribution (z-scores against the
+    standardisation stored in the weights); and the ``n_top`` features whose reset to the
+    training mean changes the score most.
+    """
+    model, names = load_ranker(WEIGHTS[0])
+    mean = model.feature_mean.numpy()
+    std = model.feature_std.numpy()
+    n_image = len(IMAGE_FEATURES)
+    for path in sorted(REAL_AVERAGES.glob("*.mrc")):
+        data = mrcfile.read(path).astype(np.float32)
+        images = torch.from_numpy(data.reshape(-1, *data.shape[-2:]).copy())
+        result = score_classes(
+            images, pixel_size_angstrom=pixel_size, weights=WEIGHTS[0]
+        )
+        feats = torch.from_numpy(result.features)
+        imgs = torch.from_numpy(result.images64)
+        with torch.no_grad():
+            blank = model(torch.zeros_like(imgs), feats).numpy()
+            reset = feats.clone()
+            reset[:, :n_image] = torch.from_numpy(mean[:n_image])
+            cnn_only = model(imgs, reset).numpy()
+            for i, score in enumerate(result.scores):
+                z = (result.features[i, :n_image] - mean[:n_image]) / std[:n_image]
+                far = np.argsort(-np.abs(z))[:n_top]
+                deltas = []
+                for j in range(n_image):
+                    f = feats[i : i + 1].clone()
+                    f[0, j] = float(mean[j])
+                    deltas.append(float(model(imgs[i : i + 1], f)) - float(score))
+                top = np.argsort(-np.abs(deltas))[:n_top]
+                print(
+                    f"{path.name}[{i}] score {score:.3f}; image blanked {blank[i]:.3f}; "
+                    f"image features at training mean {cnn_only[i]:.3f}\n"
+                    "  furthest from training (z): "
+                    + ", ".join(f"{names[j]} {z[j]:+.1f}" for j in far)
+                    + "\n  reset to training mean changes the score by: "
+                    + ", ".join(f"{names[j]} {deltas[j]:+.3f}" for j in top)
+                )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,13 +232,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--real-pixel-size", type=float, default=1.3)
     parser.add_argument("--real-diameter", type=float, default=None)
     parser.add_argument("--generate-only", action="store_true")
+    parser.add_argument(
+        "--explain-only",
+        action="store_true",
+        help="only print what drives the scores of the real averages",
+    )
     parser.add_argument("--cryoavg-path", default=None)
     parser.add_argument("--snr", type=float, nargs=2, default=None, help="SNR range")
     parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--weights", type=Path, default=None, help="checkpoint (default: shipped)"
+    )
     args = parser.parse_args(argv)
     if args.cryoavg_path:
         tr.SUBPROCESS_PYTHONPATH.append(str(Path(args.cryoavg_path).resolve()))
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    WEIGHTS[0] = args.weights
+    if args.explain_only:
+        explain_real_averages(args.real_pixel_size)
+        return
     maps = tr.prepare_maps(
         args.work,
         [n for n in tr.HELD_OUT if n.startswith("blob") or tr.SHARED_MAPS.is_dir()],
@@ -217,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"real averages (bare, {pixel} Å/px, D={args.real_diameter}):",
                 real_average_scores(pixel, args.real_diameter),
             )
+        explain_real_averages(args.real_pixel_size)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,22 @@
 
 Pipeline (every stage is cached under ``--work``, so re-running resumes):
 
-1. ``maps``: 3D maps = the bundled HSP60 map, ``/work/shared/data/maps/*.mrc`` when present
-   (``--shared-maps``) and random "blob proteins" (sums of anisotropic Gaussians, compact,
-   elongated or ring-like) written by :func:`blob_protein`.
-2. ``datasets``: for each of ``--n-datasets`` random settings (seeded from ``--seed``):
-   ``cryoavg simulate`` (800–1400 particles, box 32–56, SNR 0.02–0.3 log-uniform, CTF on
-   in 85 %, junk fraction 0.1–0.4 with a random subset of the five junk types) and
-   ``cryoavg class2d`` (VDAM, K 8–16, 25–30 iterations, snapshots every 5 iterations).
-   Held-out maps (``HELD_OUT``: ribosome70S, prohibitin and blob seeds 9001/9002) are never
-   used here; ``scripts/eval_ranker.py`` uses them.
+1. ``maps``: 3D maps = the bundled HSP60 map, ``$CRYOAVG_SHARED/data/maps/*.mrc`` (default
+   ``../shared`` beside the checkout) when present (``--shared-maps``), random "blob
+   proteins" (sums of anisotropic Gaussians, compact, elongated or ring-like;
+   :func:`blob_protein`) and random *dense* maps (250–600 small Gaussians in 1–3 lobes, a
+   pseudo-atomic texture that gives projections fine detail; :func:`dense_protein`,
+   ``--n-dense``).
+2. ``datasets``: for each of ``--n-datasets`` random settings (seeded from ``--seed``; HSP60,
+   the blobs and the shared maps): ``cryoavg simulate`` (800–1400 particles, box 32–56, SNR
+   0.02–0.3 log-uniform, CTF on in 85 %, junk fraction 0.1–0.4 with a random subset of the
+   five junk types) and ``cryoavg class2d`` (VDAM, K 8–16, 25–30 iterations, snapshots every
+   5 iterations). Then ``--n-sharp-datasets`` more with the same draws but SNR 0.3–3
+   (``SHARP_SNR``; one round over the dense maps, HSP60 and three blobs): averages of
+   high-SNR data are sharp and detailed. Held-out maps (``HELD_OUT``: ribosome70S,
+   prohibitin and blob seeds 9001/9002) are never used here; ``scripts/eval_ranker.py``
+   uses them. The real class averages in ``shared/data/class_averages`` are never used for
+   training (they are a test).
 3. ``samples``: every class of every snapshot from iteration 10 on is one sample: its
    features + 64×64 image computed twice (with the Class2D mask diameter, and with the
    default diameter as in bare-stack mode), its particle count and its purity from
@@ -21,22 +28,36 @@ Pipeline (every stage is cached under ``--work``, so re-running resumes):
    ``MIN_PARTICLES`` = 10 particles and at least ``GOOD_PURITY`` = 85 % of them are real
    particles. For training the target is soft: ``clip((purity − 0.6) / 0.3, 0, 1)`` for
    classes with ≥ 10 particles, 0 otherwise.
+
+   **Synthetic sharp averages** (``--n-synthetic-jobs``, :func:`synthetic_job`): the
+   Class2D averages above are all small (≤ 56 px) and noisy, while real averages are
+   often large (hundreds of px), sharp, slightly off-centre and sometimes clipped. Each
+   synthetic "job" holds 4–8 good images (clean, CTF-free, noise-free projections of a
+   training map, 0–9 % of the box off-centre; target 1) and 4–8 high-SNR junk analogues of
+   the simulator's five kinds (target 0), all with the same random noise, B-factor, dark
+   halo, mask and clipping, in boxes of 48–160 px. Only image features (all model groups
+   marked missing, as a bare stack).
 4. ``train``: Adam, BCE on the soft target, balanced by class weights; augmentation by the 8
    rotations/flips of the 64×64 images and random drop-out (set to "missing") of the model
    feature groups (job contrast, distribution, counts, resolution, accuracies; all of them
    together in 30 % of the samples = bare-stack mode). CPU, ``torch`` seeded from ``--seed``.
-   Writes ``cryoavg/select/weights/class_ranker_v1.pt`` + ``.sha256``.
+   Writes ``cryoavg/select/weights/class_ranker_v1.pt`` + ``.sha256`` (or ``--output``).
 
 Usage::
 
     python scripts/train_ranker.py --work /tmp/ranker_work --seed 1 --n-datasets 24 \\
-        --jobs 2 --epochs 20 --cryoavg-path <copy of the checkout>
+        --n-sharp-datasets 8 --n-dense 4 --n-synthetic-jobs 64 --epochs 20 \\
+        --jobs 1 --threads 1 --cryoavg-path <copy of the checkout>
 
-(the shipped class_ranker_v1.pt was made by exactly this: 24 datasets, 2398 samples, ~45 min
-wall on a shared 2-core CPU, of which ~12 min training).
+The shipped class_ranker_v1.pt (sha256 248478ae…) was made by exactly this (32 Class2D
+datasets = 3288 samples, plus 1540 synthetic samples; 4828 in all). Measured on a shared
+2-core CPU that other jobs kept at a load of 4–6 (everything ``nice -n 10``, one thread):
+datasets 38 min wall (32 × 35–270 s), samples 10 min, training 13 min wall (with about
+10 % of one core); the defaults of the data and training options are these values.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -51,20 +72,29 @@ import numpy as np
 import pandas as pd
 import starfile
 import torch
+from scipy import ndimage
 
+from cryoavg.ops.fourier import fftfreq_grid, resize_fourier_2d
+from cryoavg.ops.projection import project_volume_2d
+from cryoavg.ops.rotations import random_rotations
+from cryoavg.ops.shifts import shift_images_2d
 from cryoavg.select.features import compute_features, feature_names, group_columns
 from cryoavg.select.network import ClassRankerNet, save_checkpoint
 from cryoavg.simulate.particles import JUNK_TYPES, particle_radius_px
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "cryoavg" / "select" / "weights" / "class_ranker_v1.pt"
-SHARED_MAPS = REPO.parent / "shared" / "data" / "maps"
+#: ``../shared`` beside the checkout (or ``$CRYOAVG_SHARED``, as for the tests)
+SHARED = Path(os.environ.get("CRYOAVG_SHARED") or REPO.parent / "shared")
+SHARED_MAPS = SHARED / "data" / "maps"
 MIN_PARTICLES = 10
 GOOD_PURITY = 0.85
 #: maps (by name) that only the evaluation uses
 HELD_OUT = ("ribosome70S_65px", "prohibitin_ring_56px", "blob9001", "blob9002")
 #: Å/px of maps whose header is wrong (see /work/shared/data/README.md)
 MAP_PIXEL_SIZES = {"ribosome70S_65px": 5.0}
+#: SNR range (log-uniform) of the extra "sharp" Class2D datasets
+SHARP_SNR = (0.3, 3.0)
 CRYOAVG = [sys.executable, "-m", "cryoavg.cli.main"]
 #: optional copy of the cryoavg source tree that the simulate/class2d subprocesses run
 #: (PYTHONPATH), so that edits to the working tree during a long generation do not matter
@@ -109,16 +139,51 @@ def blob_protein(seed: int, size: int = 64) -> np.ndarray:
     return volume.astype(np.float32)
 
 
+def dense_protein(seed: int, size: int = 64) -> np.ndarray:
+    """A random detailed "complex": 250–600 small Gaussians (σ 0.7–1.8 voxels) in 1–3 lobes.
+
+    The pseudo-atomic texture gives projections fine detail (like a large complex at
+    4–8 Å/px), which the smooth :func:`blob_protein` maps do not have.
+    """
+    rng = np.random.default_rng(seed)
+    n_lobes = int(rng.integers(1, 4))
+    half_axes = rng.uniform(7, 17, size=(n_lobes, 3))
+    lobe_centres = rng.normal(size=(n_lobes, 3)) * 5.0
+    lobe_centres -= lobe_centres.mean(0)
+    n_atoms = int(rng.integers(250, 601))
+    lobe = rng.integers(0, n_lobes, size=n_atoms)
+    direction = rng.normal(size=(n_atoms, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    radius = rng.uniform(0, 1, size=n_atoms) ** (1 / 3)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    points = (direction * radius[:, None] * half_axes[lobe] + lobe_centres[lobe]) @ q.T
+    points = np.clip(points + size // 2, 1, size - 2)
+    sigmas = rng.uniform(0.7, 1.8, size=n_atoms)
+    weights = rng.uniform(0.5, 1.5, size=n_atoms)
+    volume = np.zeros((size, size, size))
+    edges = np.linspace(0.7, 1.8, 5)
+    for lo, hi in itertools.pairwise(edges):
+        chosen = (sigmas >= lo) & (sigmas <= hi)
+        if not chosen.any():
+            continue
+        splat = np.zeros_like(volume)
+        idx = np.round(points[chosen]).astype(int)
+        np.add.at(splat, (idx[:, 0], idx[:, 1], idx[:, 2]), weights[chosen])
+        volume += ndimage.gaussian_filter(splat, 0.5 * (lo + hi))
+    return volume.astype(np.float32)
+
+
 def prepare_maps(work: Path, names: list[str]) -> dict[str, tuple[Path, float]]:
     """Write/locate the maps; returns name -> (path, Å/px)."""
     out = {}
     (work / "maps").mkdir(parents=True, exist_ok=True)
     for name in names:
-        if name.startswith("blob"):
+        if name.startswith(("blob", "dense")):
             path = work / "maps" / f"{name}.mrc"
             if not path.exists():
+                make = blob_protein if name.startswith("blob") else dense_protein
                 with mrcfile.new(path, overwrite=True) as mrc:
-                    mrc.set_data(blob_protein(int(name[4:])))
+                    mrc.set_data(make(int(name.lstrip("abcdefghijklmnopqrstuvwxyz"))))
                     mrc.voxel_size = 4.0
             out[name] = (path, 4.0)
         elif name == "hsp60_D7_48px":
@@ -236,10 +301,16 @@ def run_dataset(directory: Path, settings: dict) -> bool:
 
 
 def dataset_plan(
-    seed: int, n_datasets: int, maps: dict, eval_mode: bool, **overrides
+    seed: int | list[int],
+    n_datasets: int,
+    maps: dict,
+    eval_mode: bool,
+    prefix: str | None = None,
+    **overrides,
 ) -> list[tuple[str, dict]]:
     """Names and settings of the datasets (deterministic in ``seed``)."""
     rng = np.random.default_rng(seed)
+    prefix = prefix or ("eval" if eval_mode else "train")
     names = sorted(maps)
     plan = []
     for i in range(n_datasets):
@@ -247,7 +318,7 @@ def dataset_plan(
         settings = dataset_settings(
             rng, map_name, maps[map_name], eval_mode, **overrides
         )
-        plan.append((f"{'eval' if eval_mode else 'train'}{i:03d}_{map_name}", settings))
+        plan.append((f"{prefix}{i:03d}_{map_name}", settings))
     return plan
 
 
@@ -375,6 +446,235 @@ def dataset_samples(directory: Path, min_iteration: int = 10) -> dict[str, np.nd
     return arrays
 
 
+# ----------------------------------------------------------------------------- synthetic
+#: junk kinds of the synthetic (sharp, high-SNR) averages: the simulator's five kinds
+SYNTHETIC_JUNK = ("noise", "ice", "carbon", "aggregate", "offcentre")
+
+
+def _projections(
+    volume: torch.Tensor,
+    n: int,
+    map_pixel: float,
+    pixel: float,
+    canvas: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``(n, canvas, canvas)`` noise-free, CTF-free projections at ``pixel`` Å/px."""
+    if n == 0:
+        return torch.zeros(0, canvas, canvas, dtype=torch.float64)
+    proj = project_volume_2d(volume, random_rotations(n, generator=generator))
+    size = proj.shape[-1]
+    new_size = max(8, round(size * map_pixel / pixel))
+    proj = resize_fourier_2d(proj.to(torch.float64), new_size)
+    out = torch.zeros(n, canvas, canvas, dtype=torch.float64)
+    if new_size <= canvas:
+        lo = canvas // 2 - new_size // 2
+        out[:, lo : lo + new_size, lo : lo + new_size] = proj
+    else:
+        lo = new_size // 2 - canvas // 2
+        out = proj[:, lo : lo + canvas, lo : lo + canvas].clone()
+    return out
+
+
+def synthetic_job(
+    rng: np.random.Generator,
+    volume: torch.Tensor,
+    map_pixel: float,
+    diameter: float,
+) -> dict:
+    """One "job" of sharp class averages: 4–8 good views and 4–8 junk analogues.
+
+    Good: a clean (noise-free, CTF-free) projection of the map at a random orientation,
+    0–9 % of the box off-centre (a class average need not be perfectly centred). Junk: the simulator's five kinds (structureless
+    noise, ice discs, a carbon edge, 2–4 overlapping projections, one projection 30–48 %
+    of the box off-centre). Every image then gets the same random treatment: white noise
+    at an "average SNR" of 0.5–300 (log-uniform), a B-factor of 0–1200 Å², a low-frequency
+    suppression (the dark halo of CTF-corrected averages; amplitude 0–0.95, cut-off
+    100–400 Å), in half of the jobs a soft circular mask (zero background), in a third a
+    clipping of the brightest 1–25 % (saturated export) — so sharpness, masking and
+    clipping say nothing about the label. Box 48–160 px, particle 40–75 % of the box.
+    """
+    box = int(rng.choice([48, 64, 96, 128, 160]))
+    pixel = diameter / (rng.uniform(0.4, 0.75) * box)
+    canvas = 2 * box
+    n_good = int(rng.integers(4, 9))
+    kinds = rng.choice(SYNTHETIC_JUNK, size=int(rng.integers(4, 9))).tolist()
+    generator = torch.Generator().manual_seed(int(rng.integers(1, 2**31)))
+    radius = diameter / (2 * pixel)
+    c = torch.arange(canvas, dtype=torch.float64) - canvas // 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    signals = [_projections(volume, n_good, map_pixel, pixel, canvas, generator)]
+    good_direction = rng.uniform(0, 2 * np.pi, n_good)
+    good_distance = rng.uniform(0, 0.09, n_good) * box
+    shifts = [
+        torch.from_numpy(
+            np.stack(
+                [
+                    good_distance * np.sin(good_direction),
+                    good_distance * np.cos(good_direction),
+                ],
+                1,
+            )
+        )
+    ]
+    for kind in kinds:
+        if kind in ("aggregate", "offcentre"):
+            n_copies = int(rng.integers(2, 5)) if kind == "aggregate" else 1
+            copies = _projections(volume, n_copies, map_pixel, pixel, canvas, generator)
+            direction = rng.uniform(0, 2 * np.pi, n_copies)
+            if kind == "aggregate":
+                distance = rng.uniform(0.35, 0.7, n_copies) * 2 * radius
+                distance[0] *= rng.uniform(0.0, 0.5)
+            else:
+                distance = rng.uniform(0.3, 0.48, n_copies) * box
+            offsets = torch.from_numpy(
+                np.stack(
+                    [distance * np.sin(direction), distance * np.cos(direction)], 1
+                )
+            )
+            signals.append(shift_images_2d(copies, offsets).sum(0, keepdim=True))
+        elif kind == "ice":
+            image = torch.zeros(canvas, canvas, dtype=torch.float64)
+            for _ in range(int(rng.integers(1, 4))):
+                cy, cx = rng.uniform(-0.5, 0.5, 2) * box
+                disc = rng.uniform(0.2, 0.5) * box
+                dist = torch.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+                sign = rng.choice([-1.0, 1.0])
+                image += (
+                    sign
+                    * rng.uniform(1, 3)
+                    * 0.5
+                    * (1 - torch.tanh((dist - disc) / rng.uniform(1.5, 4.0)))
+                )
+            signals.append(image[None])
+        elif kind == "carbon":
+            angle = rng.uniform(0, 2 * np.pi)
+            along = np.cos(angle) * xx + np.sin(angle) * yy
+            offset = rng.uniform(-0.3, 0.3) * box
+            signals.append(
+                (0.5 * (1 + torch.tanh((along - offset) / rng.uniform(1.0, 3.0))))[None]
+            )
+        else:  # noise: no signal at all
+            signals.append(torch.zeros(1, canvas, canvas, dtype=torch.float64))
+        shifts.append(torch.zeros(1, 2, dtype=torch.float64))
+    signal = shift_images_2d(torch.cat(signals), torch.cat(shifts))
+    k = signal.shape[0]
+    disc = (yy**2 + xx**2) <= radius**2
+    scale = signal[:, disc].std(dim=-1)
+    signal = (
+        signal / torch.where(scale > 1e-9, scale, torch.ones_like(scale))[:, None, None]
+    )
+    snr = np.exp(rng.uniform(np.log(0.5), np.log(300.0), k))
+    noisy = (
+        signal
+        + torch.randn(signal.shape, generator=generator, dtype=torch.float64)
+        / torch.from_numpy(np.sqrt(snr))[:, None, None]
+    )
+    s = (
+        torch.sqrt(
+            (
+                fftfreq_grid(
+                    (canvas, canvas), rfft=True, fftshift=False, dtype=torch.float64
+                )
+                ** 2
+            ).sum(-1)
+        )
+        / pixel
+    )  # 1/Å
+    bfactor = torch.from_numpy(rng.uniform(0, 1200, k))[:, None, None]
+    halo = torch.from_numpy(rng.uniform(0, 0.95, k))[:, None, None]
+    cutoff = torch.from_numpy(1.0 / rng.uniform(100, 400, k))[:, None, None]
+    weights = torch.exp(-bfactor * s**2 / 4) * (
+        1 - halo * torch.exp(-((s / cutoff) ** 2))
+    )
+    images = torch.fft.irfft2(torch.fft.rfft2(noisy) * weights, s=(canvas, canvas))
+    lo = canvas // 2 - box // 2
+    images = images[:, lo : lo + box, lo : lo + box]
+    mask_diameter = float(min(diameter * rng.uniform(1.05, 1.25), (box - 3) * pixel))
+    if rng.random() < 0.5:
+        r = torch.sqrt(
+            yy[lo : lo + box, lo : lo + box] ** 2
+            + xx[lo : lo + box, lo : lo + box] ** 2
+        )
+        edge = rng.uniform(2, 6)
+        mask = 0.5 * (1 - torch.tanh((r - mask_diameter / (2 * pixel)) / edge * 2))
+        images = images * mask
+    if rng.random() < 1 / 3:
+        flat = images.reshape(k, -1)
+        top = torch.quantile(flat, float(1 - rng.uniform(0.01, 0.25)), dim=1)
+        images = torch.minimum(images, top[:, None, None])
+    good = np.zeros(k, dtype=bool)
+    good[:n_good] = True
+    return {
+        "images": images.float(),
+        "good": good,
+        "pixel": float(pixel),
+        "mask_diameter": mask_diameter,
+    }
+
+
+def synthetic_samples(
+    work: Path, maps: dict[str, tuple[Path, float]], seed: int, n_jobs: int
+) -> dict[str, np.ndarray]:
+    """Samples from ``n_jobs`` synthetic jobs (:func:`synthetic_job`), cached in ``work``.
+
+    Targets are 1 (good) and 0 (junk); the model feature groups are all marked missing (a
+    bare stack), the job-relative contrast included. Both CNN-window variants (mask
+    diameter, default diameter) are kept, as for the Class2D samples.
+    """
+    cache = work / f"synthetic_s{seed}_n{n_jobs}.npz"
+    if cache.exists():
+        return dict(np.load(cache))
+    rng = np.random.default_rng([seed, 20251122])
+    names = sorted(maps)
+    volumes = {}
+    for name in names:
+        path, map_pixel = maps[name]
+        data = mrcfile.read(path).astype(np.float32)
+        volumes[name] = (
+            torch.from_numpy(data.copy()),
+            map_pixel,
+            map_diameter_angstrom(path, map_pixel),
+        )
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "features",
+            "images",
+            "target",
+            "good",
+            "n",
+            "purity",
+            "iteration",
+            "variant",
+        )
+    }
+    job_cols = group_columns()["job"]
+    for j in range(n_jobs):
+        volume, map_pixel, diameter = volumes[names[j % len(names)]]
+        job = synthetic_job(rng, volume, map_pixel, diameter)
+        k = len(job["good"])
+        for variant, d in enumerate((job["mask_diameter"], None)):
+            feats, imgs = compute_features(
+                job["images"],
+                pixel_size_angstrom=job["pixel"],
+                particle_diameter_angstrom=d,
+            )
+            feats[:, job_cols[:-1]] = 0.0
+            feats[:, job_cols[-1]] = 1.0
+            out["features"].append(feats)
+            out["images"].append(imgs.astype(np.float16))
+            out["target"].append(job["good"].astype(np.float64))
+            out["good"].append(job["good"])
+            out["n"].append(np.full(k, -1))
+            out["purity"].append(job["good"].astype(np.float64))
+            out["iteration"].append(np.full(k, -1))
+            out["variant"].append(np.full(k, variant))
+    arrays = {key: np.concatenate(v) for key, v in out.items()}
+    np.savez_compressed(cache, **arrays)
+    return arrays
+
+
 # ----------------------------------------------------------------------------- training
 def drop_groups(
     features: torch.Tensor,
@@ -469,13 +769,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--jobs", type=int, default=2, help="parallel simulate/class2d runs"
     )
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument(
         "--n-blobs", type=int, default=8, help="random blob-protein maps"
     )
     parser.add_argument(
         "--shared-maps", action="store_true", default=SHARED_MAPS.is_dir()
     )
+    parser.add_argument(
+        "--n-sharp-datasets",
+        type=int,
+        default=8,
+        help="extra Class2D datasets at SNR 0.3-3 (dense maps, HSP60, 3 blobs)",
+    )
+    parser.add_argument(
+        "--n-dense", type=int, default=4, help="random detailed (dense) maps"
+    )
+    parser.add_argument(
+        "--n-synthetic-jobs",
+        type=int,
+        default=64,
+        help="jobs of sharp synthetic averages (projections + junk analogues)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--generate-only", action="store_true")
     parser.add_argument("--output", type=Path, default=WEIGHTS)
     parser.add_argument(
@@ -486,7 +802,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cryoavg_path:
         SUBPROCESS_PYTHONPATH.append(str(Path(args.cryoavg_path).resolve()))
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     names = ["hsp60_D7_48px"] + [
         f"blob{args.seed * 100 + i}" for i in range(args.n_blobs)
     ]
@@ -495,24 +811,56 @@ def main(argv: list[str] | None = None) -> None:
             p.stem for p in sorted(SHARED_MAPS.glob("*.mrc")) if p.stem not in names
         ]
     names = [n for n in names if n not in HELD_OUT]
-    maps = prepare_maps(args.work, names)
+    dense = [f"dense{args.seed * 100 + i}" for i in range(args.n_dense)]
+    all_maps = prepare_maps(args.work, names + dense)
+    maps = {n: all_maps[n] for n in names}
     plan = dataset_plan(args.seed, args.n_datasets, maps, eval_mode=False)
+    # sharp datasets: the dense maps, HSP60 and three blob maps (one round of 8)
+    sharp_maps = {n: all_maps[n] for n in dense + names[:4] if n in all_maps}
+    plan += dataset_plan(
+        [args.seed, 1],
+        args.n_sharp_datasets,
+        sharp_maps,
+        eval_mode=False,
+        prefix="sharp",
+        snr_range=SHARP_SNR,
+    )
+    start = time.time()
     directories = run_plan(args.work, plan, args.jobs)
-    print(f"{len(directories)}/{len(plan)} datasets ready", flush=True)
+    print(
+        f"{len(directories)}/{len(plan)} datasets ready ({time.time() - start:.0f} s)",
+        flush=True,
+    )
     if args.generate_only:
         return
+    start = time.time()
     parts = [dataset_samples(d) for d in directories]
+    n_class2d = sum(len(p["good"]) for p in parts)
+    if args.n_synthetic_jobs > 0:
+        parts.append(
+            synthetic_samples(args.work, all_maps, args.seed, args.n_synthetic_jobs)
+        )
     samples = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     good = samples["good"]
-    print(f"{len(good)} samples, {int(good.sum())} good, maps {names}", flush=True)
+    print(
+        f"{len(good)} samples ({n_class2d} Class2D, {len(good) - n_class2d} "
+        f"synthetic), {int(good.sum())} good, maps {sorted(all_maps)} "
+        f"({time.time() - start:.0f} s)",
+        flush=True,
+    )
     meta = {
         "seed": args.seed,
         "n_datasets": len(directories),
+        "n_sharp_datasets": args.n_sharp_datasets,
+        "n_synthetic_jobs": args.n_synthetic_jobs,
         "n_samples": len(good),
-        "maps": ",".join(names),
+        "n_synthetic_samples": len(good) - n_class2d,
+        "maps": ",".join(sorted(all_maps)),
         "label_rule": f"n >= {MIN_PARTICLES} and purity >= {GOOD_PURITY}",
     }
+    start = time.time()
     train(samples, args.seed, args.epochs, args.output, meta)
+    print(f"training took {time.time() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

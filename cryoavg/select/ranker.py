@@ -8,7 +8,9 @@ array([0.98, 0.02, ...], dtype=float32)
 The network (:mod:`cryoavg.select.network`) ships with cryoavg in
 ``cryoavg/select/weights/class_ranker_v1.pt`` with its SHA-256 beside it; it was trained by
 ``scripts/train_ranker.py`` on class averages that cryoavg itself produced from simulated
-data (labels from the simulation's ground truth). Nothing is ever downloaded.
+data (labels from the simulation's ground truth) and on synthetic sharp, high-SNR averages
+(clean projections as good, junk analogues as bad), so that large, detailed real averages
+are ranked as well as small noisy ones (``docs/select.md``). Nothing is ever downloaded.
 """
 
 import functools
