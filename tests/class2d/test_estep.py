@@ -217,16 +217,20 @@ def test_zero_prior_class_is_skipped(synthetic, grids):
     assert bool(torch.isfinite(res.log_likelihood).all())
 
 
-def test_offset_prior_uses_angstrom(grids):
-    """Uninformative data (zero classes): the offset prior picks the translation."""
-    _, _, ps = grids
-    gen = torch.Generator().manual_seed(6)
-    b = 8
+def _noise_batch(ps, seed: int, b: int = 8) -> EStepBatch:
+    """``b`` particles of pure complex white noise (σ² = 1): uninformative data."""
+    gen = torch.Generator().manual_seed(seed)
     noise = torch.complex(
         torch.randn(b, ps.n_pixels, generator=gen, dtype=torch.float64),
         torch.randn(b, ps.n_pixels, generator=gen, dtype=torch.float64),
     )
-    batch = make_batch(noise, ps, sigma2=1.0)
+    return make_batch(noise, ps, sigma2=1.0)
+
+
+def test_offset_prior_uses_angstrom(grids):
+    """Uninformative data (zero classes): the offset prior picks the translation."""
+    _, _, ps = grids
+    batch = _noise_batch(ps, seed=6)
     mu = torch.tensor([[4.0, 0.0]]).expand(K, 2)  # Å → (2, 0) px at 2 Å/px
     _, res = run_estep(
         batch,
@@ -247,13 +251,7 @@ def test_far_class_offset_prior_costs_class_weight(grids):
     whose prior offset lies far from the particle pays for it in the class posterior.
     """
     _, _, ps = grids
-    gen = torch.Generator().manual_seed(9)
-    b = 8
-    noise = torch.complex(
-        torch.randn(b, ps.n_pixels, generator=gen, dtype=torch.float64),
-        torch.randn(b, ps.n_pixels, generator=gen, dtype=torch.float64),
-    )
-    batch = make_batch(noise, ps, sigma2=1.0)
+    batch = _noise_batch(ps, seed=9)
     mu = torch.zeros(K, 2, dtype=torch.float64)
     mu[1] = torch.tensor([30.0, 0.0])  # Å; σ_off = 10 Å
     _, res = run_estep(

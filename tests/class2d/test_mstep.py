@@ -102,6 +102,14 @@ def test_em_update_regularisation_shrinks_and_ssnr_limited_to_current_size():
     assert float(state.tau2_fudge) == 2.0
 
 
+#: (priors, in the window, threshold) for which no class may be re-seeded
+NO_REPLACEMENT_CASES = [
+    ([0.6, 0.39, 0.01], False, 0.1),  # outside the window
+    ([0.5, 0.3, 0.2], True, 0.1),  # above 0.1 / K_active
+    ([0.6, 0.39, 0.01], True, 0.0),  # threshold off
+]
+
+
 def _em_split_setup(priors):
     """Class 0 is seen as image A in half 0 and image B in half 1; class 1 as itself."""
     a, b = gaussian(-3, 0, 2), gaussian(3, 0, 2)
@@ -138,14 +146,7 @@ def test_em_reseeding_splits_the_largest_class_into_its_halves():
     assert torch.equal(state.tau2[2], state.tau2[0])
 
 
-@pytest.mark.parametrize(
-    ("priors", "allow", "threshold"),
-    [
-        ([0.6, 0.39, 0.01], False, 0.1),  # outside the window
-        ([0.5, 0.3, 0.2], True, 0.1),  # above 0.1 / K_active
-        ([0.6, 0.39, 0.01], True, 0.0),  # threshold off
-    ],
-)
+@pytest.mark.parametrize(("priors", "allow", "threshold"), NO_REPLACEMENT_CASES)
 def test_em_no_reseeding(priors, allow, threshold):
     state, stats, a, b = _em_split_setup(priors)
     result = mstep.em_update(
@@ -422,14 +423,7 @@ def test_expand_class_rule_is_checked():
         mstep.vdam_update(state, stats, 0.3, 2.0, 0.9, expand_class="random")
 
 
-@pytest.mark.parametrize(
-    ("priors", "allow", "threshold"),
-    [
-        ([0.6, 0.39, 0.01], False, 0.1),  # outside the window
-        ([0.5, 0.3, 0.2], True, 0.1),  # above 0.1 / K_active
-        ([0.6, 0.39, 0.01], True, 0.0),  # threshold off
-    ],
-)
+@pytest.mark.parametrize(("priors", "allow", "threshold"), NO_REPLACEMENT_CASES)
 def test_no_class_replacement(priors, allow, threshold):
     state, stats = replacement_setup(priors)
     old = state.class_images[2].clone()
