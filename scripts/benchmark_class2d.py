@@ -11,11 +11,15 @@ Two parts, each printing a JSON summary (and writing it to ``--out``):
    against RELION 5's figures from the kit's README (same kind of 2-core machine).
 2. ``estep``: E-step throughput. Times ``expectation_step`` on a realistic batch and counts the
    floating-point work of its scoring GEMMs; compares the achieved FLOP/s with ``torch.matmul`` of
-   the same shape measured in the same run on the same device, and reports peak memory.
+   the same shape measured in the same run on the same device, and reports peak memory. With
+   ``--precision fp32 tf32 bf16`` it does so for each arithmetic of the coarse-search GEMMs
+   (``estep_precision``; the matmul reference in the same arithmetic) and reports how far the
+   results of the reduced precisions are from fp32 (log-likelihood, best pose, Pmax). On a CPU
+   ``tf32`` is an emulation (rounded operands, fp32 GEMM), so it is not faster there.
 
 Usage::
 
-    python scripts/benchmark_class2d.py estep [--device cuda]
+    python scripts/benchmark_class2d.py estep [--device cuda] [--precision fp32 bf16]
     python scripts/benchmark_class2d.py case [--algorithm em] [--case-dir bench_out/ribosome70S]
 """
 
@@ -70,6 +74,14 @@ def _time(fn, repeats: int = 3) -> float:
     return best
 
 
+def _matmul_in(precision: str, a: torch.Tensor, m: torch.Tensor):
+    """``a @ m`` as the E-step's coarse GEMM computes it in ``precision`` (a closure)."""
+    from cryoavg.class2d.estep import _gemm_operand, _scoring_matmul
+
+    lhs, rhs = _gemm_operand(a, precision), _gemm_operand(m.T.contiguous(), precision).T
+    return lambda: _scoring_matmul(lhs, rhs, precision, torch.float32)
+
+
 def benchmark_estep(args: argparse.Namespace) -> dict:
     """Time the E-step and compare its GEMM FLOP/s with torch.matmul on the same device."""
     from cryoavg.class2d.estep import (
@@ -115,7 +127,7 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
     )
     prior = torch.full((k,), 1.0 / k, device=device)
 
-    def run_estep():
+    def run_estep(precision: str = "fp32"):
         return expectation_step(
             batch,
             projector,
@@ -128,12 +140,9 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
             pixel_size=args.pixel_size,
             coarse_size=args.coarse_size or current,
             max_significant=args.max_significant or 5 * k,
+            precision=precision,
         )
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    estep_seconds = _time(run_estep)
-    result = run_estep()
     coarse_pixels = pixels.count_within(args.coarse_size or current) - 1
     r_c, t_c = psi.n_coarse, trans.n_coarse
     # real-arithmetic FLOPs of the scoring GEMMs: cross term (b·t, 2p)×(2p, k·r) and the
@@ -143,17 +152,72 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
     ) + 2.0 * b * coarse_pixels * (k * r_c)
     a = torch.randn(b * t_c, 2 * coarse_pixels, device=device)
     m = torch.randn(2 * coarse_pixels, k * r_c, device=device)
-    matmul_seconds = _time(lambda: a @ m)
-    matmul_flops = 2.0 * a.shape[0] * a.shape[1] * m.shape[1] / matmul_seconds
+    same_shape_flops = 2.0 * a.shape[0] * a.shape[1] * m.shape[1]
     square = torch.randn(4096, 4096, device=device)
-    dense_seconds = _time(lambda: square @ square)
-    dense_flops = 2.0 * 4096**3 / dense_seconds
-    peak = (
-        (torch.cuda.max_memory_allocated() / 2**20)
-        if device.type == "cuda"
-        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    )
+    precisions = list(dict.fromkeys(args.precision))
+    by_precision, outputs = {}, {}
+    for precision in precisions:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = _time(lambda precision=precision: run_estep(precision))
+        out = run_estep(precision)
+        same_shape = _time(_matmul_in(precision, a, m))
+        dense = _time(_matmul_in(precision, square, square))
+        entry = {
+            "estep_seconds_per_batch": seconds,
+            "particles_per_second": b / seconds,
+            "estep_gemm_gflops": gemm_flops / seconds / 1e9,
+            "matmul_same_shape_gflops": same_shape_flops / same_shape / 1e9,
+            "matmul_dense_4096_gflops": 2.0 * 4096**3 / dense / 1e9,
+            "mean_significant": float(out.n_significant.float().mean()),
+            "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20)
+            if device.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        }
+        by_precision[precision] = entry
+        outputs[precision] = out
+    reference = outputs.get("fp32")
+    for precision, out in outputs.items():
+        entry = by_precision[precision]
+        if reference is not None and precision != "fp32":
+            # agreement with fp32 on the same batch (docs/scaleout.md, "Reduced precision")
+            d_ll = (out.log_likelihood - reference.log_likelihood).double()
+            moved = (
+                (out.best_class != reference.best_class)
+                | (out.best_psi_degrees != reference.best_psi_degrees)
+                | (out.best_offset_px != reference.best_offset_px).any(1)
+            )
+            entry.update(
+                {
+                    "max_abs_delta_log_likelihood": float(d_ll.abs().max()),
+                    "min_delta_log_likelihood": float(d_ll.min()),
+                    "max_abs_delta_log_likelihood_same_pose": float(
+                        d_ll[~moved].abs().max()
+                    )
+                    if bool((~moved).any())
+                    else 0.0,
+                    "fraction_best_pose_changed": float(moved.double().mean()),
+                    "max_abs_delta_pmax": float(
+                        (out.pmax - reference.pmax).abs().max()
+                    ),
+                    "significant_ratio": float(
+                        out.n_significant.sum() / reference.n_significant.sum()
+                    ),
+                }
+            )
+    first = by_precision[precisions[0]]
+    if "fp32" in by_precision:
+        for entry in by_precision.values():
+            entry["speedup_vs_fp32"] = (
+                by_precision["fp32"]["estep_seconds_per_batch"]
+                / entry["estep_seconds_per_batch"]
+            )
+    result = run_estep(precisions[0])
+    estep_seconds = first["estep_seconds_per_batch"]
     estep_flops = gemm_flops / estep_seconds
+    matmul_flops = first["matmul_same_shape_gflops"] * 1e9
+    dense_flops = first["matmul_dense_4096_gflops"] * 1e9
+    peak = first["peak_memory_mb"]
 
     def run_statistics(dense_threshold):
         stats = Class2DStatistics.zeros(
@@ -205,6 +269,8 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
         "statistics_rows_seconds": rows_seconds,
         "statistics_dense_seconds": dense_seconds_stats,
         "statistics_dense_speedup": rows_seconds / dense_seconds_stats,
+        "precision": precisions[0],
+        "by_precision": by_precision,
     }
 
 
@@ -341,6 +407,14 @@ def main() -> None:
         type=float,
         default=0.05,
         help="noise variance: small = converged (few significant poses), large = early",
+    )
+    estep.add_argument(
+        "--precision",
+        nargs="+",
+        choices=["fp32", "tf32", "bf16"],
+        default=["fp32"],
+        help="arithmetic of the coarse-search GEMMs (estep_precision), one or more; the "
+        "top-level figures are those of the first, each is in by_precision",
     )
     estep.add_argument(
         "--max-significant",

@@ -30,6 +30,21 @@ Reference tables, phases and interpolation plans depend only on the iteration (c
 images, grids, pixel set), so they are built once and memoised on the projector
 (:meth:`ClassProjector.memoised`), which lives for one iteration.
 
+Reduced precision (``precision``, config key ``estep_precision``): the cross-term GEMM of
+the coarse pass, the compute-bound part of the E-step, can run with ``"tf32"`` or
+``"bf16"`` operands and fp32 accumulation (:func:`_scoring_matmul`). Everything else stays
+as with ``"fp32"``: the ``|P|²`` and ``|X|²`` terms, the fine pass (whose GEMMs have 8
+columns and are bound by memory traffic, not arithmetic), log-sum-exp and all
+statistics. Reduced precision therefore only perturbs which coarse samples are
+significant, and the significance test allows for it: with a per-particle bound ``ε`` on
+the error of the coarse scores (:func:`_coarse_error_bound`), every coarse sample whose
+log weight is within ``2ε`` of the largest is also kept (up to the cap), so the coarse
+sample that is best in fp32 always reaches the fine pass. The fine ``diff2``, weights,
+Pmax and log-likelihood of the samples kept are fp32; apart from samples at the edge of
+the adaptive fraction, the results differ from fp32 only where the wider set holds more
+probability or a better fine sample (docs/scaleout.md, "Reduced precision", gives the
+measured tolerances).
+
 Weights are handled in the log domain (log-sum-exp), so a particle always keeps at
 least one significant sample, however large its ``diff2`` values are. The statistics
 sum the contributing samples per (particle, class, ψ) first:
@@ -57,7 +72,9 @@ Units and conventions
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -65,9 +82,11 @@ import torch
 
 from cryoavg.class2d.projector import ClassProjector
 from cryoavg.class2d.sampling import PixelSet, PsiGrid, TranslationGrid
+from cryoavg.class2d.settings import ESTEP_PRECISIONS
 from cryoavg.class2d.statistics import Class2DStatistics
 
 __all__ = [
+    "ESTEP_PRECISIONS",
     "EStepBatch",
     "EStepResult",
     "SignificantSamples",
@@ -81,6 +100,18 @@ __all__ = [
 ]
 
 _DROP = 700.0  # diff2 − min above which a sample's weight is exactly zero (RELION)
+
+#: ``torch.mm(a, b, out_dtype=torch.float32)`` for bf16 ``a``, ``b`` (CUDA only; newer
+#: PyTorch): bf16 products accumulated *and returned* in fp32
+_MM_HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+#: bound on the error of a reduced-precision scoring GEMM against the fp32 one, relative
+#: to ``Σ_i |lhs_i·rhs_i|``: operand rounding (TF32 ≤ 2⁻¹⁰ per operand even when
+#: truncating, bf16 ≤ 2⁻⁹ rounding to nearest, so ≤ 2⁻⁹ resp. 2⁻⁸ per product), the
+#: result rounded to bf16 where the bf16 GEMM returns bf16 (≤ 2⁻⁹) and the fp32
+#: accumulation of both results (n·2⁻²⁴ each: the totals stay within these values for
+#: sums of up to n = 16 384 terms, i.e. 8 192 coarse pixels)
+GEMM_ERROR_BOUND = {"tf32": 2.0**-8, "bf16": 2.0**-7}
 
 
 @dataclass
@@ -284,6 +315,125 @@ def _interleaved(z: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(z).reshape(*z.shape[:-1], 2 * z.shape[-1])
 
 
+# --------------------------------------------------------------------------------------
+# reduced-precision scoring GEMMs
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in ESTEP_PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {', '.join(ESTEP_PRECISIONS)}, got {precision!r}"
+        )
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to TensorFloat-32 (10-bit mantissa, fp32 exponent), as fp32.
+
+    Round to nearest, ties away from zero (the rounding of PTX ``cvt.rna.tf32.f32``), on
+    the bit pattern: adding half a unit of the 13 dropped mantissa bits carries into the
+    kept ones (and into the exponent at a binade's end). Used to emulate TF32 GEMMs off
+    CUDA; float64 input is rounded through fp32 and returned as float64.
+
+    Parameters
+    ----------
+    x
+        Real tensor (float32 or float64), finite.
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape and dtype.
+    """
+    x32 = x.to(torch.float32).contiguous()
+    bits = x32.view(torch.int32)
+    rounded = ((bits + (1 << 12)) & ~((1 << 13) - 1)).view(torch.float32)
+    return rounded.to(x.dtype)
+
+
+@contextlib.contextmanager
+def _cuda_tf32_matmul() -> Iterator[None]:
+    """Allow TF32 in CUDA float32 matmuls inside the block, then restore the setting.
+
+    Uses ``torch.backends.cuda.matmul.fp32_precision`` where it exists (PyTorch ≥ 2.9,
+    which refuses to mix it with the legacy flag once the new one was set), else the
+    legacy ``allow_tf32``.
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        previous = matmul.fp32_precision
+    except AttributeError:  # PyTorch < 2.9
+        previous_flag = matmul.allow_tf32
+        matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous_flag
+        return
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
+def _native_bf16_fp32_output(device: torch.device) -> bool:
+    return device.type == "cuda" and _MM_HAS_OUT_DTYPE
+
+
+def _gemm_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """A real GEMM operand (fp32/fp64) in the form :func:`_scoring_matmul` takes it.
+
+    ``"fp32"``: ``x``. ``"bf16"``: ``x`` cast to bfloat16 (round to nearest even).
+    ``"tf32"``: on CUDA ``x`` (the tensor cores round it); elsewhere ``x`` rounded to
+    TF32 (:func:`round_to_tf32`), the emulation.
+    """
+    if precision == "bf16":
+        return x.to(torch.bfloat16)
+    if precision == "tf32" and x.device.type != "cuda":
+        return round_to_tf32(x)
+    return x
+
+
+def _scoring_matmul(
+    lhs: torch.Tensor, rhs: torch.Tensor, precision: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """``lhs @ rhs`` of two :func:`_gemm_operand` operands, returned in ``dtype``.
+
+    * ``"fp32"``: the plain GEMM.
+    * ``"tf32"``: on CUDA with TF32 allowed for this GEMM only
+      (:func:`_cuda_tf32_matmul`); elsewhere an fp32 GEMM of the TF32-rounded operands
+      (their products are exact in fp32, so this is the TF32 arithmetic up to the order
+      of summation).
+    * ``"bf16"``: bf16 operands, fp32 accumulation. On CUDA with a PyTorch that has
+      ``torch.mm(..., out_dtype=torch.float32)`` the result is returned in fp32;
+      otherwise (CPU, older PyTorch) the bf16 GEMM returns bf16, i.e. the fp32 sum
+      rounded to an 8-bit mantissa, which is what the CPU validation measures (an upper
+      bound for the fp32-output path).
+
+    Parameters
+    ----------
+    lhs, rhs
+        ``(m, n)`` and ``(n, q)`` operands (views, e.g. transposed, are fine).
+    precision
+        One of :data:`ESTEP_PRECISIONS`.
+    dtype
+        Real dtype of the result.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(m, q)``.
+    """
+    if precision == "bf16":
+        if _native_bf16_fp32_output(lhs.device):
+            return torch.mm(lhs, rhs, out_dtype=torch.float32).to(dtype)
+        return torch.mm(lhs, rhs).to(dtype)
+    if precision == "tf32" and lhs.device.type == "cuda":
+        with _cuda_tf32_matmul():
+            return (lhs @ rhs).to(dtype)
+    return (lhs @ rhs).to(dtype)
+
+
 def _segment_max(values: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
     out = values.new_full((n,), -math.inf)
     return out.scatter_reduce(0, segment, values, reduce="amax", include_self=True)
@@ -346,6 +496,8 @@ def _coarse_cross_terms(
     model_weight: torch.Tensor,
     references: torch.Tensor,
     phases: torch.Tensor,
+    *,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """``Σ s²CTF²|P|²/2σ² − Re Σ conj(P)·Y·φ`` for one chunk of particles.
 
@@ -359,6 +511,8 @@ def _coarse_cross_terms(
         ``(k, r, p)`` complex.
     phases
         ``(t, p)`` complex.
+    precision
+        Arithmetic of the cross-term GEMM (:data:`ESTEP_PRECISIONS`).
 
     Returns
     -------
@@ -368,9 +522,9 @@ def _coarse_cross_terms(
     k, r, p = references.shape
     ref_power = (references.real**2 + references.imag**2).reshape(k * r, p)  # (k·r, p)
     rhs = _interleaved(references).reshape(k * r, 2 * p)  # (k·r, 2p)
-    return _coarse_block(weighted_images, model_weight, rhs, ref_power, phases).view(
-        -1, phases.shape[0], k, r
-    )
+    return _coarse_block(
+        weighted_images, model_weight, rhs, ref_power, phases, precision=precision
+    ).view(-1, phases.shape[0], k, r)
 
 
 def _coarse_block(
@@ -379,6 +533,9 @@ def _coarse_block(
     references_ri: torch.Tensor,
     ref_power: torch.Tensor,
     phases: torch.Tensor,
+    *,
+    precision: str = "fp32",
+    references_operand: _CoarseOperand | None = None,
 ) -> torch.Tensor:
     """:func:`_coarse_cross_terms` with prepared references.
 
@@ -390,6 +547,12 @@ def _coarse_block(
         ``(k·r, 2p)`` real, interleaved (re, im) references.
     ref_power
         ``(k·r, p)`` real ``|P|²``.
+    precision
+        Arithmetic of the cross-term GEMM (:data:`ESTEP_PRECISIONS`); the ``|P|²``
+        term is always computed in the dtype of the inputs.
+    references_operand
+        ``references_ri`` already prepared for ``precision`` (:func:`_coarse_operand`,
+        memoised per iteration); ``None`` = convert here.
 
     Returns
     -------
@@ -401,7 +564,17 @@ def _coarse_block(
     model_term = model_weight @ ref_power.T  # (b, k·r)
     shifted = weighted_images[:, None, :] * phases[None]  # (b, t, p)
     lhs = torch.view_as_real(shifted).view(b * t, 2 * p)  # (b·t, 2p)
-    cross = (lhs @ references_ri.T).view(b, t, -1)  # (b, t, k·r)
+    if precision == "fp32":
+        cross = (lhs @ references_ri.T).view(b, t, -1)  # (b, t, k·r)
+    else:
+        rhs = (
+            _gemm_operand(references_ri, precision)
+            if references_operand is None
+            else references_operand.operand
+        )
+        cross = _scoring_matmul(
+            _gemm_operand(lhs, precision), rhs.T, precision, lhs.dtype
+        ).view(b, t, -1)
     return cross.neg_().add_(model_term[:, None, :])
 
 
@@ -414,6 +587,7 @@ def squared_differences(
     phases: torch.Tensor,
     *,
     max_chunk_bytes: int = 1 << 28,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Full ``diff2(b,k,r,t) = Σ_p |s·CTF·P_kr − X_b·φ_t|² / (2σ²)`` by batched GEMMs.
 
@@ -431,12 +605,17 @@ def squared_differences(
         ``(t, p)`` complex ``φ``.
     max_chunk_bytes
         Bound on temporary memory (chunks over ``b``).
+    precision
+        Arithmetic of the cross-term GEMM (:data:`ESTEP_PRECISIONS`, see
+        :func:`_scoring_matmul`); the ``|X|²`` and ``|P|²`` terms stay in the dtype of
+        the inputs.
 
     Returns
     -------
     torch.Tensor
         ``(b, k, r, t)`` real.
     """
+    _check_precision(precision)
     b, p = images.shape
     k, r, _ = references.shape
     t = phases.shape[0]
@@ -448,13 +627,18 @@ def squared_differences(
     step = _rows_per_chunk(t * (4 * p + 2 * k * r) * elem, max_chunk_bytes, b)
     out = []
     for i in range(0, b, step):
-        d = _coarse_cross_terms(y[i : i + step], a[i : i + step], references, phases)
+        d = _coarse_cross_terms(
+            y[i : i + step], a[i : i + step], references, phases, precision=precision
+        )
         out.append(d + const[i : i + step, None, None, None])
     return torch.cat(out).permute(0, 2, 3, 1)  # (b, t, k, r) -> (b, k, r, t)
 
 
 def _significant_dense(
-    log_w: torch.Tensor, adaptive_fraction: float, max_significant: int | None
+    log_w: torch.Tensor,
+    adaptive_fraction: float,
+    max_significant: int | None,
+    margin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Significant samples of dense log-weights (§A.6.4).
 
@@ -466,6 +650,9 @@ def _significant_dense(
         Fraction of the total weight to keep.
     max_significant
         Cap on the count (``None``/≤0: none).
+    margin
+        Optional ``(b,)``: also keep every sample whose log weight is within
+        ``margin`` of the largest (up to the cap).
 
     Returns
     -------
@@ -493,6 +680,9 @@ def _significant_dense(
     cum = torch.cumsum(w, dim=1)
     count = 1 + (cum <= adaptive_fraction * total[:, None]).sum(1)
     count = torch.minimum(count, (w > 0).sum(1)).clamp(min=1)
+    if margin is not None:
+        within = (top >= lmax - margin.to(torch.float64)[:, None]).sum(1)
+        count = torch.maximum(count, within)
     count = count.clamp(max=m)
     return order, count
 
@@ -587,6 +777,64 @@ def _coarse_tables(
     )
 
 
+@dataclass
+class _CoarseOperand:
+    """The coarse references prepared for a reduced-precision cross-term GEMM.
+
+    Attributes
+    ----------
+    operand
+        :func:`_gemm_operand` of ``references_ri`` (``(k·r, 2p_c)``).
+    reference_norm
+        Largest reference norm ``max_{k,r} ‖P_kr‖`` (float64 scalar).
+    """
+
+    operand: torch.Tensor
+    reference_norm: torch.Tensor
+
+
+def _coarse_operand(
+    projector: ClassProjector, coarse: _CoarseTables, precision: str
+) -> _CoarseOperand | None:
+    """The coarse references as GEMM operand for ``precision`` (memoised; fp32: None)."""
+    if precision == "fp32":
+        return None
+
+    def build() -> _CoarseOperand:
+        norm = coarse.ref_power.to(torch.float64).sum(1).sqrt().amax()
+        return _CoarseOperand(_gemm_operand(coarse.references_ri, precision), norm)
+
+    return projector.memoised(
+        "estep-coarse-operand", (coarse.references_ri,), (precision,), build
+    )
+
+
+def _coarse_error_bound(
+    weighted_images: torch.Tensor, operand: _CoarseOperand, precision: str
+) -> torch.Tensor:
+    """Bound on ``|cross_reduced − cross_fp32|`` per particle, over all coarse samples.
+
+    :data:`GEMM_ERROR_BOUND` times ``Σ_i |l_i·r_i| ≤ ‖l‖·‖r‖`` (Cauchy–Schwarz), with
+    ``‖Y·φ_t‖ = ‖Y‖`` (unit phases) and the largest reference norm.
+
+    Parameters
+    ----------
+    weighted_images
+        ``(b, p_c)`` complex ``Y`` on the coarse pixels.
+    operand
+        The prepared references.
+    precision
+        ``"tf32"`` or ``"bf16"``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(b,)`` float64.
+    """
+    power = (weighted_images.real**2 + weighted_images.imag**2).to(torch.float64)
+    return GEMM_ERROR_BOUND[precision] * power.sum(1).sqrt() * operand.reference_norm
+
+
 def _fine_tables(
     projector: ClassProjector,
     psi_grid: PsiGrid,
@@ -633,6 +881,7 @@ def prepare_estep_tables(
     coarse_size: int,
     dtype: torch.dtype = torch.complex64,
     max_chunk_bytes: int = 1 << 28,
+    precision: str = "fp32",
 ) -> None:
     """Build the iteration's memoised reference tables now (else on the first E-step).
 
@@ -648,9 +897,13 @@ def prepare_estep_tables(
         Complex dtype of the particle transforms (``EStepBatch.images_masked_rfft``).
     max_chunk_bytes
         Bound on the temporaries of building them.
+    precision
+        As passed to :func:`expectation_step` (the coarse references are also kept as
+        the GEMM operand of that precision).
     """
+    _check_precision(precision)
     n_coarse = pixel_set.count_within(min(int(coarse_size), pixel_set.image_size))
-    _coarse_tables(
+    coarse = _coarse_tables(
         projector,
         psi_grid,
         translation_grid,
@@ -659,6 +912,7 @@ def prepare_estep_tables(
         dtype,
         max_chunk_bytes,
     )
+    _coarse_operand(projector, coarse, precision)
     _fine_tables(
         projector, psi_grid, translation_grid, pixel_set, dtype, max_chunk_bytes
     )
@@ -825,6 +1079,7 @@ def expectation_step(
     adaptive_fraction: float = 0.999,
     avg_norm: float = 1.0,
     max_chunk_bytes: int = 1 << 28,
+    precision: str = "fp32",
 ) -> EStepResult:
     """Two-pass adaptive E-step of a mini-batch (spec §A.6.4, §A.6.5).
 
@@ -862,11 +1117,16 @@ def expectation_step(
         Model's average norm correction (only used with ``batch.norm_correction``).
     max_chunk_bytes
         Approximate bound on temporary memory per chunk.
+    precision
+        Arithmetic of the coarse pass's cross-term GEMM: ``"fp32"`` (default),
+        ``"tf32"`` or ``"bf16"`` (:func:`_scoring_matmul`; see the module docstring for
+        what stays in fp32).
 
     Returns
     -------
     EStepResult
     """
+    _check_precision(precision)
     device = batch.images_masked_rfft.device
     rdtype = batch.ctf.dtype
     cdtype = batch.images_masked_rfft.dtype
@@ -890,6 +1150,7 @@ def expectation_step(
         cdtype,
         max_chunk_bytes,
     )
+    coarse_operand = _coarse_operand(projector, coarse, precision)
     fine = _fine_tables(
         projector, psi_grid, translation_grid, pixel_set, cdtype, max_chunk_bytes
     )
@@ -921,20 +1182,35 @@ def expectation_step(
     orders, counts = [], []
     inf = torch.tensor(math.inf, dtype=rdtype, device=device)
     for i in range(0, b, step):
+        # reduced precision: keep every sample that may be the best one in fp32 (its
+        # score is off by at most ``bound``), so the fine pass still finds it
+        margin = (
+            None
+            if coarse_operand is None
+            else 2.0
+            * _coarse_error_bound(
+                y[i : i + step, 1:n_coarse], coarse_operand, precision
+            )
+        )
         d = _coarse_block(
             y[i : i + step, 1:n_coarse],
             a[i : i + step, 1:n_coarse],
             coarse.references_ri,
             coarse.ref_power,
             coarse.phases,
+            precision=precision,
+            references_operand=coarse_operand,
         ).view(-1, t_c, k, r_c)
         if not all_classes_ok:
             d = torch.where(class_ok.view(1, 1, k, 1), d, inf)  # (c, t, k, r)
         c = d.shape[0]
         delta = d.sub_(d.reshape(c, -1).amin(1).view(c, 1, 1, 1))
         lw = log_prior[i : i + c, :, :, None].to(rdtype) - delta  # (c, t, k, r)
-        lw = lw.masked_fill_(delta > _DROP, -math.inf).reshape(c, -1)  # (c, t·k·r)
-        order, count = _significant_dense(lw, adaptive_fraction, max_significant)
+        drop = _DROP if margin is None else (_DROP + margin).view(c, 1, 1, 1)
+        lw = lw.masked_fill_(delta > drop, -math.inf).reshape(c, -1)  # (c, t·k·r)
+        order, count = _significant_dense(
+            lw, adaptive_fraction, max_significant, margin
+        )
         orders.append(order[:, : int(count.max())])
         counts.append(count)
     n_significant = torch.cat(counts)  # (b,)

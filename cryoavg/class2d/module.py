@@ -54,6 +54,7 @@ from cryoavg.class2d.settings import (
     estep_bytes_per_particle,
     estep_memory_budget_bytes,
     parse_estep_memory_mib,
+    parse_estep_precision,
     particles_per_pass,
     prepare_bytes_per_particle,
 )
@@ -207,6 +208,10 @@ class Class2DModule(lightning.LightningModule):
         :func:`~cryoavg.class2d.settings.estep_memory_budget_bytes`). Chunks whose
         particles would not fit are split into passes; an out-of-memory error halves the
         budget (for the rest of the run) and redoes the failed pass.
+    estep_precision
+        Arithmetic of the E-step's coarse-search GEMMs: ``"fp32"`` (default), ``"tf32"``
+        or ``"bf16"`` (:func:`~cryoavg.class2d.estep.expectation_step`,
+        docs/scaleout.md "Reduced precision").
     """
 
     def __init__(
@@ -220,6 +225,7 @@ class Class2DModule(lightning.LightningModule):
         chunk_size: int = 256,
         num_workers: int = 0,
         estep_memory_mib: float | str | None = "auto",
+        estep_precision: str = "fp32",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -239,6 +245,8 @@ class Class2DModule(lightning.LightningModule):
         self.estep_memory_ceiling_bytes: int | None = None
         #: number of times the back-off halved the budget
         self.estep_memory_backoffs = 0
+        #: arithmetic of the coarse-search GEMMs (``estep_precision``)
+        self.estep_precision = parse_estep_precision(estep_precision)
         self.state = Class2DState(
             settings.n_classes,
             data.box_size,
@@ -468,6 +476,7 @@ class Class2DModule(lightning.LightningModule):
             self.pixel_set,
             coarse_size=self.coarse_size,
             max_chunk_bytes=self.estep_memory_bytes,
+            precision=self.estep_precision,
         )
 
     # ------------------------------------------------------------------ memory budget
@@ -699,6 +708,7 @@ class Class2DModule(lightning.LightningModule):
             adaptive_fraction=settings.adaptive_fraction,
             avg_norm=float(state.avg_norm),
             max_chunk_bytes=budget,
+            precision=self.estep_precision,
         )
         update = statistics_update(
             part,

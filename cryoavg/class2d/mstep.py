@@ -462,7 +462,15 @@ def em_update(
     )
 
     images = _em_images(
-        data, weight, tau2, tau2_fudge, grid, n, pad, do_map=do_map, minres_map=minres_map
+        data,
+        weight,
+        tau2,
+        tau2_fudge,
+        grid,
+        n,
+        pad,
+        do_map=do_map,
+        minres_map=minres_map,
     )
     prior_old = state.class_prior.clone()
     empty = prior_old <= 0

@@ -389,3 +389,40 @@ def estep_bytes_per_particle(n_pixels: int, n_significant: int) -> int:
     return ESTEP_BYTES_PER_PIXEL * int(n_pixels) + ESTEP_BYTES_PER_SIGNIFICANT * int(
         n_significant
     )
+
+
+# --------------------------------------------------------------------------------------
+# E-step GEMM precision (config key ``estep_precision``)
+
+#: arithmetic of the coarse-search scoring GEMMs of the E-step: ``fp32`` (IEEE single
+#: precision, the default), ``tf32`` (TensorFloat-32 on CUDA: operands rounded to a
+#: 10-bit mantissa, fp32 accumulation; emulated by rounding on other devices) or ``bf16``
+#: (bfloat16 operands, fp32 accumulation); see :mod:`cryoavg.class2d.estep` and
+#: docs/scaleout.md, "Reduced precision"
+ESTEP_PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def parse_estep_precision(value: Any) -> str:
+    """The ``estep_precision`` config value, one of :data:`ESTEP_PRECISIONS`.
+
+    Parameters
+    ----------
+    value
+        ``"fp32"``, ``"tf32"`` or ``"bf16"`` (case-insensitive).
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ConfigError
+        For anything else.
+    """
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text not in ESTEP_PRECISIONS:
+        raise ConfigError(
+            f"estep_precision must be one of {', '.join(ESTEP_PRECISIONS)}, "
+            f"got {value!r}"
+        )
+    return text

@@ -351,9 +351,10 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     settings = settings_from_config(cfg)
     settings.validate()
-    from cryoavg.class2d.settings import parse_estep_memory_mib
+    from cryoavg.class2d.settings import parse_estep_memory_mib, parse_estep_precision
 
     estep_memory_mib = parse_estep_memory_mib(cfg.get("estep_memory_mib", "auto"))
+    estep_precision = parse_estep_precision(cfg.get("estep_precision", "fp32"))
     continue_from = Path(cfg.continue_from) if cfg.continue_from else None
     ckpt_path = None
     ckpt_info: dict[str, Any] | None = None
@@ -467,6 +468,7 @@ def run_class2d(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             chunk_size=int(cfg.data.chunk_size),
             num_workers=int(cfg.data.num_workers),
             estep_memory_mib=estep_memory_mib,
+            estep_precision=estep_precision,
         )
         module.run_info = {
             "particles": str(Path(table.path).resolve()),

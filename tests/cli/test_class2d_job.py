@@ -637,6 +637,7 @@ BAD_INPUT = {
     "more classes than particles": (_ten_particles, ["classes=20"], "classes=20"),
     "mask larger than the box": (None, ["mask_diameter=1000"], "mask_diameter"),
     "unknown expand_class": (None, ["expand_class=random"], "expand_class"),
+    "unknown estep_precision": (None, ["estep_precision=fp16"], "estep_precision"),
     "mixed pixel sizes": (_mixed_pixel_sizes, [], "mixed.star"),
     "NaN image": (_nan_image, [], "mic00002.mrcs"),
     "ctf without CTF columns": (_no_ctf_columns, ["ctf=true"], "noctf.star"),

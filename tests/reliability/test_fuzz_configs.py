@@ -45,6 +45,7 @@ JOBS = {
             "class_inactivity_threshold",
             "expand_class",
             "estep_memory_mib",
+            "estep_precision",
             "seed",
             "write_every",
             "preread",
