@@ -46,6 +46,7 @@ CONFIG_TYPES: dict[str, type] = {
             "subset_size",
             "seed",
             "chunk_size",
+            "local_symmetry_oversampling",
         ),
         int,
     ),
@@ -126,6 +127,7 @@ def settings_from_config(cfg: DictConfig):
         do_scale=bool(cfg.scale),
         seed=int(cfg.seed),
         chunk_size=int(cfg.chunk_size),
+        local_symmetry_oversampling=int(cfg.local_symmetry_oversampling),
     )
     settings.validate()
     return settings
@@ -154,8 +156,10 @@ def load_reference(path: str, box: int, pixel: float) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
 
 
-def load_local_symmetry(path: str, box: int, pixel: float):
-    """Masks and operators of ``local_symmetry=...`` (checked against box and pixel)."""
+def load_local_symmetry(path: str, box: int, pixel: float, oversampling: int = 2):
+    """Masks and operators of ``local_symmetry=...`` (checked against box and pixel),
+    imposed on a grid ``oversampling`` times finer (1 = RELION's trilinear).
+    """
     from cryoavg.localsym.apply import check_operators_in_sphere
     from cryoavg.localsym.io import load_masks, read_mask_info
     from cryoavg.localsym.operators import operators_to_tensors
@@ -184,7 +188,11 @@ def load_local_symmetry(path: str, box: int, pixel: float):
                 "pixel size or box?)",
             )
         operators.append((matrices.float(), translations.float()))
-    return LocalSymmetry(masks=[m.float() for m in masks], operators=operators)
+    return LocalSymmetry(
+        masks=[m.float() for m in masks],
+        operators=operators,
+        oversampling=int(oversampling),
+    )
 
 
 def _refine_data(table: ParticleTable, source: ImageSource, halves: np.ndarray):
@@ -338,7 +346,12 @@ def run_refine3d(cfg: DictConfig) -> dict[str, Any]:
                 particles, f"no particles in half set {h} (rlnRandomSubset)"
             )
     local_symmetry = (
-        load_local_symmetry(str(local_symmetry_path), box, pixel)
+        load_local_symmetry(
+            str(local_symmetry_path),
+            box,
+            pixel,
+            oversampling=settings.local_symmetry_oversampling,
+        )
         if local_symmetry_path
         else None
     )

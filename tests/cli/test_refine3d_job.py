@@ -111,6 +111,9 @@ def test_refine3d_writes_relion_files_and_continues(project):
             project,
             "Refine3D/job020",
             f"local_symmetry={project / 'ops.star'}",
+            # a binary mask: exact symmetry is checked below, i.e. RELION's trilinear
+            # on the map grid (the 2x Fourier round trip rings at hard mask edges)
+            "local_symmetry_oversampling=1",
             "tau2_fudge=2",
         )
     )
