@@ -1,5 +1,6 @@
 """Small synthetic 3D test data: an asymmetric map of Gaussian blobs and its particles."""
 
+import numpy as np
 import torch
 
 from cryoavg.ops.projection import project_volume_2d
@@ -36,3 +37,31 @@ def particles(volume, n: int, *, noise_sigma: float, seed: int = 1, max_shift: i
     images = shift_images_2d(images, -origins)
     images = images + noise_sigma * torch.randn(images.shape, generator=generator)
     return images.float(), angles, origins
+
+
+def in_memory_data(
+    images: torch.Tensor,
+    *,
+    pixel_size_angstrom: float,
+    halves=None,
+    ctf_parameters=None,
+):
+    """``RefineData`` over images held in memory ``(n, box, box)``, one optics group.
+
+    ``halves`` defaults to alternating 1, 2, 1, … (``rlnRandomSubset``).
+    """
+    from cryoavg.recon.refine import RefineData
+
+    n, box = images.shape[0], images.shape[-1]
+    if halves is None:
+        halves = np.where(np.arange(n) % 2 == 0, 1, 2)
+    return RefineData(
+        read_images=lambda idx: images[torch.as_tensor(np.asarray(idx))],
+        n_particles=n,
+        box_size=box,
+        pixel_size_angstrom=pixel_size_angstrom,
+        halves=torch.as_tensor(halves),
+        optics_group=torch.zeros(n, dtype=torch.long),
+        group=torch.zeros(n, dtype=torch.long),
+        ctf_parameters=ctf_parameters,
+    )

@@ -8,7 +8,6 @@ of the origins) makes these tests fail: the E-step against the TRUE map must rec
 poses to within the grid, and the slices must match the noise-free images.
 """
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,7 +23,6 @@ from cryoavg.recon.fsc import fourier_shell_correlation
 from cryoavg.recon.orientations import OrientationGrid, rotation_distance_degrees
 from cryoavg.recon.reconstruct import wiener_reconstruct
 from cryoavg.recon.refine import (
-    RefineData,
     RefineSettings,
     initial_noise_spectrum,
     initial_state,
@@ -32,7 +30,7 @@ from cryoavg.recon.refine import (
     refine_iteration,
 )
 from cryoavg.simulate.particles import SimulationParameters, simulate_particles
-from tests.recon._synthetic3d import blob_map
+from tests.recon._synthetic3d import blob_map, in_memory_data
 
 BOX = 32
 PIXEL = 6.0
@@ -61,22 +59,6 @@ def _simulate(volume, n, *, snr, apply_ctf, seed):
     sim = simulate_particles(volume, params)
     ctf = sim.ctf_parameters(params)
     return sim, ctf
-
-
-def _data(images, ctf=None, halves=None):
-    n = images.shape[0]
-    if halves is None:
-        halves = np.where(np.arange(n) % 2 == 0, 1, 2)
-    return RefineData(
-        read_images=lambda idx: images[torch.as_tensor(np.asarray(idx))],
-        n_particles=n,
-        box_size=BOX,
-        pixel_size_angstrom=PIXEL,
-        halves=torch.as_tensor(halves),
-        optics_group=torch.zeros(n, dtype=torch.long),
-        group=torch.zeros(n, dtype=torch.long),
-        ctf_parameters=ctf,
-    )
 
 
 def test_slices_match_simulated_images(volume):
@@ -133,7 +115,7 @@ def test_estep_against_true_map_recovers_simulated_poses(volume, apply_ctf):
     """High SNR, true reference: pose error ≈ distance to the nearest grid point."""
     n = 100
     sim, ctf = _simulate(volume, n, snr=5.0, apply_ctf=apply_ctf, seed=13)
-    data = _data(sim.images, ctf)
+    data = in_memory_data(sim.images, pixel_size_angstrom=PIXEL, ctf_parameters=ctf)
     pixel_set = PixelSet.for_size(BOX, BOX)
     batch = prepare_estep_batch(
         sim.images,
@@ -192,7 +174,7 @@ def test_local_search_waits_until_every_particle_is_aligned(volume):
         offset_range_px=2.0,
         subset_size=16,
     )
-    data = _data(sim.images)
+    data = in_memory_data(sim.images, pixel_size_angstrom=PIXEL)
     state = initial_state(volume, data, settings)
     assert not bool(state.aligned.any())
     for it in range(1, 4):

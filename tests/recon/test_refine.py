@@ -12,13 +12,12 @@ from cryoavg.recon.orientations import OrientationGrid
 from cryoavg.recon.reconstruct import wiener_reconstruct
 from cryoavg.recon.refine import (
     LocalSymmetry,
-    RefineData,
     RefineSettings,
     initial_state,
     insert_slices,
     refine_iteration,
 )
-from tests.recon._synthetic3d import blob_map, particles
+from tests.recon._synthetic3d import blob_map, in_memory_data, particles
 
 BOX = 32
 
@@ -59,19 +58,6 @@ def test_insert_slices_round_trip():
     assert torch.allclose(weights2, weights, atol=1e-3 * float(weights.max()))
 
 
-def _data(images, halves):
-    n = images.shape[0]
-    return RefineData(
-        read_images=lambda idx: images[torch.as_tensor(np.asarray(idx))],
-        n_particles=n,
-        box_size=BOX,
-        pixel_size_angstrom=8.0,
-        halves=torch.as_tensor(halves),
-        optics_group=torch.zeros(n, dtype=torch.long),
-        group=torch.zeros(n, dtype=torch.long),
-    )
-
-
 @pytest.fixture(scope="module")
 def dataset():
     volume = blob_map(BOX, sigma_px=1.5, seed=2)
@@ -96,7 +82,7 @@ def test_refinement_improves_map(dataset, algorithm):
         offset_range_px=2.0,
         subset_size=120,
     )
-    data = _data(images, halves)
+    data = in_memory_data(images, pixel_size_angstrom=8.0, halves=halves)
     state = initial_state(volume * 7.0, data, settings)  # arbitrary greyscale
     start = fourier_shell_correlation(state.references[0], volume)
     history = []
@@ -140,7 +126,7 @@ def test_halves_are_independent(dataset):
             stack[~keep] = torch.randn(
                 stack[~keep].shape, generator=torch.Generator().manual_seed(0)
             )
-        data = _data(stack, halves)
+        data = in_memory_data(stack, pixel_size_angstrom=8.0, halves=halves)
         state = initial_state(volume, data, settings)
         # the noise model is shared by the halves (as in RELION): fix it for both runs
         state.sigma2_noise.fill_(float(images.var()) / (2 * BOX * BOX))
@@ -178,7 +164,7 @@ def test_local_symmetry_is_imposed_on_each_half(
         offset_range_px=1.0,
         subset_size=60,
     )
-    data = _data(images, halves)
+    data = in_memory_data(images, pixel_size_angstrom=8.0, halves=halves)
     state = initial_state(volume, data, settings)
     # the mask's hard edge rings after the 2× Fourier round trip: test 2 px away
     inner = (axis[None, None, :] < -3).expand(BOX, BOX, BOX)

@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from cryoavg.recon.refine import (
-    RefineData,
     RefineSettings,
     initial_state,
     refine_iteration,
     subset_size,
     upsample_linear_3d,
 )
-from tests.recon._synthetic3d import blob_map, particles
+from tests.recon._synthetic3d import blob_map, in_memory_data, particles
 
 BOX = 32
 SNR_ORACLE = 0.25  # the slow refinement test: the data determine the poses
@@ -37,19 +36,6 @@ def test_subset_size_follows_relion_3d_schedule():
     assert subset_size(RefineSettings(algorithm="em"), 800, 1) == 800
     fixed = RefineSettings(n_iterations=10, subset_size=150)
     assert [subset_size(fixed, 800, it) for it in (1, 5, 9, 10)] == [150] * 3 + [800]
-
-
-def _data(images, halves, pixel=8.0):
-    n = images.shape[0]
-    return RefineData(
-        read_images=lambda idx: images[torch.as_tensor(np.asarray(idx))],
-        n_particles=n,
-        box_size=BOX,
-        pixel_size_angstrom=pixel,
-        halves=torch.as_tensor(halves),
-        optics_group=torch.zeros(n, dtype=torch.long),
-        group=torch.zeros(n, dtype=torch.long),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +63,7 @@ def test_local_search_waits_for_global_passes(dataset):
         offset_range_px=1.0,
         subset_size=32,
     )
-    data = _data(images, halves)
+    data = in_memory_data(images, pixel_size_angstrom=8.0, halves=halves)
     state = initial_state(volume, data, settings)
     counts = []
     for _ in range(7):
@@ -111,7 +97,7 @@ def test_first_vdam_update_keeps_the_initial_reference(dataset):
         subset_size=32,
         grad_stepsize=0.5,
     )
-    data = _data(images, halves)
+    data = in_memory_data(images, pixel_size_angstrom=8.0, halves=halves)
     state = initial_state(volume * 7.0, data, settings)  # arbitrary greyscale
     start = state.references[0].clone()
     refine_iteration(state, data, settings)
@@ -165,16 +151,7 @@ def test_vdam_poses_approach_the_oracle():
     )
     sim = simulate_particles(volume, params)
     ctf = sim.ctf_parameters(params)
-    data = RefineData(
-        read_images=lambda idx: sim.images[torch.as_tensor(np.asarray(idx))],
-        n_particles=n,
-        box_size=BOX,
-        pixel_size_angstrom=pixel,
-        halves=torch.as_tensor(np.where(np.arange(n) % 2 == 0, 1, 2)),
-        optics_group=torch.zeros(n, dtype=torch.long),
-        group=torch.zeros(n, dtype=torch.long),
-        ctf_parameters=ctf,
-    )
+    data = in_memory_data(sim.images, pixel_size_angstrom=pixel, ctf_parameters=ctf)
     true = euler_angles_to_matrix(sim.angles_degrees.double())
 
     def errors(angles):
