@@ -83,6 +83,17 @@ from cryoavg.select.network import ClassRankerNet, save_checkpoint
 from cryoavg.simulate.particles import JUNK_TYPES, particle_radius_px
 
 REPO = Path(__file__).resolve().parents[1]
+#: the per-class lists of a sample table (Class2D snapshots and synthetic jobs alike)
+SAMPLE_FIELDS = (
+    "features",
+    "images",
+    "target",
+    "good",
+    "n",
+    "purity",
+    "iteration",
+    "variant",
+)
 WEIGHTS = REPO / "cryoavg" / "select" / "weights" / "class_ranker_v1.pt"
 #: ``../shared`` beside the checkout (or ``$CRYOAVG_SHARED``, as for the tests)
 SHARED = Path(os.environ.get("CRYOAVG_SHARED") or REPO.parent / "shared")
@@ -416,19 +427,7 @@ def dataset_samples(directory: Path, min_iteration: int = 10) -> dict[str, np.nd
         for p in c2d.glob("run_it*_model.star")
         if int(p.name[6:9]) >= min_iteration
     )
-    out: dict[str, list] = {
-        k: []
-        for k in (
-            "features",
-            "images",
-            "target",
-            "good",
-            "n",
-            "purity",
-            "iteration",
-            "variant",
-        )
-    }
+    out: dict[str, list] = {k: [] for k in SAMPLE_FIELDS}
     for it in iterations:
         classes, general = class_table(c2d, gt, it)
         for variant, diameter in enumerate((settings["mask_diameter"], None)):
@@ -636,19 +635,7 @@ def synthetic_samples(
             map_pixel,
             map_diameter_angstrom(path, map_pixel),
         )
-    out: dict[str, list] = {
-        k: []
-        for k in (
-            "features",
-            "images",
-            "target",
-            "good",
-            "n",
-            "purity",
-            "iteration",
-            "variant",
-        )
-    }
+    out: dict[str, list] = {k: [] for k in SAMPLE_FIELDS}
     job_cols = group_columns()["job"]
     for j in range(n_jobs):
         volume, map_pixel, diameter = volumes[names[j % len(names)]]
