@@ -275,6 +275,47 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------ case
+def run_estep_rate(probe: dict, device: str = "cpu") -> dict:
+    """E-step GEMM throughput over a whole run, from ``estep_probe.py``'s record.
+
+    Each E-step call did one coarse scoring GEMM ``(b·t_c, 2p) × (2p, k·r_c)`` plus the
+    ``|P|²`` GEMM ``(b, p) × (p, k·r_c)``. Here ``torch.matmul`` of every distinct shape
+    is timed in this process (same device and threads), and the fraction is the time
+    those GEMMs take at ``torch.matmul``'s rate over the time the E-step calls took:
+    1.0 would be an E-step that is nothing but its GEMMs at full speed.
+    """
+    calls = probe.get("estep", [])
+    if not calls:
+        return {}
+    by_shape: dict[tuple, list[float]] = {}
+    for seconds, *shape in calls:
+        by_shape.setdefault(tuple(shape), []).append(seconds)
+    matmul_seconds, flops = 0.0, 0.0
+    for (b, t_c, p_c, k, r_c), times in by_shape.items():
+        cross_a = torch.randn(b * t_c, 2 * p_c, device=device)
+        cross_b = torch.randn(2 * p_c, k * r_c, device=device)
+        power_a = torch.randn(b, p_c, device=device)
+        power_b = torch.randn(p_c, k * r_c, device=device)
+
+        def gemms(cross_a=cross_a, cross_b=cross_b, power_a=power_a, power_b=power_b):
+            return cross_a @ cross_b, power_a @ power_b
+
+        matmul_seconds += _time(gemms) * len(times)
+        flops += (2.0 * b * t_c * 2 * p_c * k * r_c + 2.0 * b * p_c * k * r_c) * len(
+            times
+        )
+    estep_seconds = sum(c[0] for c in calls)
+    statistics_seconds = sum(probe.get("statistics_seconds", []))
+    return {
+        "estep_calls": len(calls),
+        "estep_seconds_total": estep_seconds,
+        "statistics_seconds_total": statistics_seconds,
+        "estep_gemm_gflops": flops / estep_seconds / 1e9,
+        "matmul_same_shapes_gflops": flops / matmul_seconds / 1e9,
+        "estep_fraction_of_matmul_same_shapes": matmul_seconds / estep_seconds,
+    }
+
+
 def ensure_case(case_dir: Path) -> Path:
     """Generate the public case with the kit's make_case.sh if it is not there yet."""
     if (case_dir / "particles.star").is_file():
@@ -299,10 +340,11 @@ def benchmark_case(args: argparse.Namespace) -> dict:
             f"error: {out}: exists (use --reuse to score it, or another --run-dir)"
         )
     iterations = args.iterations or (100 if args.algorithm == "vdam" else 25)
+    probe = out.parent / f"{out.name}_estep_probe.json"
     command = [
         sys.executable,
-        "-m",
-        "cryoavg.cli.main",
+        str(REPO / "scripts" / "estep_probe.py"),
+        str(probe),
         "class2d",
         f"particles={case / 'particles.star'}",
         f"output={out}",
@@ -362,6 +404,8 @@ def benchmark_case(args: argparse.Namespace) -> dict:
         "distinct_views": metrics.get("distinct_views", fidelity.get("distinct_views")),
         **run,
     }
+    if probe.is_file():
+        figures.update(run_estep_rate(json.loads(probe.read_text())))
     comparison = {}
     for key, relion in RELION.items():
         ours = figures.get(key)

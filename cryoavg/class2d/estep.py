@@ -20,8 +20,10 @@ A mini-batch of particles is aligned against all classes in two passes:
    ``φ_{t_fine} = φ_{t_coarse}·φ_δ`` (``δ`` the fixed sub-offset of a fine translation),
    the cross terms of all samples of one (class, coarse ψ) pair are one GEMM
    ``(rows, 2p) × (2p, 8)`` of the gathered shifted images ``Y·φ_{t_coarse}`` with the
-   pair's table ``P·conj(φ_δ)``; the ``|P|²`` term is a GEMM over the pairs used. The
-   same pass evaluates the un-weighted cross term of the norm correction. New minimum,
+   pair's table ``P·conj(φ_δ)``, batched over the pairs with groups padded to a few
+   sizes; the ``|P|²`` term is a GEMM over the pairs used. The un-weighted cross term
+   of the norm correction is evaluated the same way, only for the fine samples that
+   pass the second threshold below. New minimum,
    weights, their sum ``S``, a second significance threshold (no cap), all in a dense
    per-particle ``(b, significant·8)`` layout; contributing weights are normalised by
    ``S``.
@@ -671,11 +673,10 @@ def _significant_dense(
         top, order = torch.topk(log_w, m, dim=1, largest=True, sorted=True)
     else:
         top, order = torch.sort(log_w, dim=1, descending=True)
+    # Σ exp(log_w − max): exponentials in the input dtype (all ≤ 1), summed in float64
+    total = torch.exp(log_w - top[:, :1]).sum(1, dtype=torch.float64)  # (b,)
     top = top.to(torch.float64)
     lmax = top[:, :1]  # (b, 1)
-    total = torch.exp(
-        torch.logsumexp(log_w.to(torch.float64), dim=1) - lmax[:, 0]
-    )  # (b,)
     w = torch.exp(top - lmax)  # (b, m)
     cum = torch.cumsum(w, dim=1)
     count = 1 + (cum <= adaptive_fraction * total[:, None]).sum(1)
@@ -939,6 +940,22 @@ def _unique_inverse(
     return keys, position[key]
 
 
+#: Bytes of gathered shifted images per batched GEMM of the fine pass (cache sized).
+FINE_TILE_BYTES = 1 << 21
+
+
+def _size_classes(counts: torch.Tensor) -> torch.Tensor:
+    """Padded size of each group of :func:`_fine_cross` (``(g,)`` int64 → ``(g,)``).
+
+    Counts up to 8 are kept; larger ones are rounded up to a multiple of an eighth of
+    their power of two (8, 9, …, 16, 18, 20, …, 32, 36, …), so padding adds at most
+    12.5 % and the groups fall into a few dozen size classes at most.
+    """
+    octave = torch.floor(torch.log2(counts.to(torch.float64))).to(torch.int64)
+    eighth = torch.clamp((1 << octave.clamp(min=0)) // 8, min=1)
+    return (counts + eighth - 1) // eighth * eighth
+
+
 def _fine_cross(
     fine_q: torch.Tensor,
     weighted_images: torch.Tensor,
@@ -951,9 +968,14 @@ def _fine_cross(
 ) -> torch.Tensor:
     """``Re Σ_p conj(P)·Y·φ`` of the 8 fine samples of each coarse sample, ``n`` Y's.
 
-    Uses ``φ_{t_f} = φ_{t_c}·φ_δ``: per (class, coarse ψ) pair ``u`` one GEMM
-    ``(rows_u, 2p) × (2p, 8)`` of the shifted images ``Y·φ_{t_c}`` of its samples with
-    the pair's table ``fine_q[u]`` (see :class:`_FineTables`).
+    Uses ``φ_{t_f} = φ_{t_c}·φ_δ``: the samples of one (class, coarse ψ) pair ``u``
+    share the pair's table ``fine_q[u]`` (see :class:`_FineTables`), so a group of
+    ``c`` samples is one ``(c·n, 2p) × (2p, 8)`` product of their shifted images
+    ``Y·φ_{t_c}`` with the table. The groups are padded to size classes
+    (:func:`_size_classes`; padding rows are computed and dropped) and all groups of
+    one class go through batched GEMMs (``torch.bmm``) whose gathered operand is at
+    most :data:`FINE_TILE_BYTES`, so it stays in cache between the gather and the
+    product. The loops run over size classes and cache tiles, not over poses.
 
     Parameters
     ----------
@@ -978,40 +1000,65 @@ def _fine_cross(
     n_w, b, p = weighted_images.shape
     t_c = trans_phases.shape[0]
     e = row.shape[0]
-    n_pairs = fine_q.shape[0]
+    device = row.device
     elem = weighted_images.real.element_size()
+    width = n_w * 2 * p  # one gathered row: the n shifted images of a sample
     out = weighted_images.real.new_empty((e, n_w, 8))
-    per_particle = t_c * n_w * 2 * p * elem
-    step = _rows_per_chunk(per_particle, max_chunk_bytes, b)
+    step = _rows_per_chunk(t_c * width * elem, max_chunk_bytes, b)
     for i0 in range(0, b, step):
         i1 = min(b, i0 + step)
         e0, e1 = particle_offsets[i0], particle_offsets[i1]
         if e1 == e0:
             continue
+        # the distinct shifted images (particle, coarse translation) of the chunk
         zkey = (row[e0:e1] - i0) * t_c + trans_coarse[e0:e1]
         used, zpos = _unique_inverse(zkey, (i1 - i0) * t_c)  # (v,), (c,)
-        z = (
-            weighted_images[:, i0 + used // t_c]
-            * trans_phases[used % t_c][None]  # (n, v, p)
-        )
-        z_ri = torch.view_as_real(z.transpose(0, 1).contiguous()).view(
-            -1, n_w, 2 * p
-        )  # (v, n, 2p)
+        z = weighted_images.index_select(1, i0 + used // t_c) * (
+            trans_phases.index_select(0, used % t_c)
+        )  # (n, v, p)
+        z_rows = torch.view_as_real(z.transpose(0, 1).contiguous()).view(-1, width)
+        # groups: samples sorted by pair; (g,) groups with their padded sizes
         pr = pair[e0:e1]
         perm = torch.argsort(pr, stable=True)
-        counts = torch.bincount(pr, minlength=n_pairs)
-        nonzero = torch.nonzero(counts).squeeze(-1)
-        zsorted = zpos[perm]
+        counts = torch.bincount(pr, minlength=fine_q.shape[0])
+        groups = torch.nonzero(counts).squeeze(-1)  # (g,) pair of each group
+        size = counts[groups]
+        group_of = torch.repeat_interleave(
+            torch.arange(groups.shape[0], device=device), size
+        )  # (c,) group of each sorted sample
+        within = (
+            torch.arange(e1 - e0, device=device)
+            - (torch.cumsum(size, 0) - size)[group_of]
+        )  # (c,) position in the group
+        z_sorted = zpos[perm]
+        sizes, class_of = torch.unique(_size_classes(size), return_inverse=True)
+        class_sorted = class_of[group_of]  # (c,)
+        max_rows = max(int(sizes.max()), FINE_TILE_BYTES // (width * elem))
+        buffer = out.new_empty((max_rows, width))
         res = out.new_empty((e1 - e0, n_w, 8))
-        start = 0
-        for u, c in zip(nonzero.tolist(), counts[nonzero].tolist(), strict=True):
-            g = z_ri.index_select(0, zsorted[start : start + c])  # (c, n, 2p)
-            torch.mm(
-                g.view(c * n_w, 2 * p),
-                fine_q[u].T,
-                out=res[start : start + c].view(c * n_w, 8),
-            )
-            start += c
+        for j, s in enumerate(sizes.tolist()):
+            members = torch.nonzero(class_of == j).squeeze(-1)  # (g_j,) groups
+            g_j = members.shape[0]
+            local = torch.empty_like(groups)
+            local[members] = torch.arange(g_j, device=device)
+            samples = torch.nonzero(class_sorted == j).squeeze(-1)  # sorted positions
+            slot = local[group_of[samples]] * s + within[samples]  # in (g_j·s,)
+            index = torch.zeros(g_j * s, dtype=torch.int64, device=device)
+            index[slot] = z_sorted[samples]  # padding rows read row 0
+            tables = fine_q.index_select(0, groups[members]).transpose(1, 2)
+            prod = out.new_empty((g_j, s * n_w, 8))
+            per_tile = max(1, max_rows // s)
+            for g0 in range(0, g_j, per_tile):
+                g1 = min(g_j, g0 + per_tile)
+                rows = torch.index_select(
+                    z_rows, 0, index[g0 * s : g1 * s], out=buffer[: (g1 - g0) * s]
+                )
+                torch.bmm(
+                    rows.view(g1 - g0, s * n_w, 2 * p),
+                    tables[g0:g1],
+                    out=prod[g0:g1],
+                )
+            res[samples] = prod.view(-1, n_w, 8)[slot]
         out[e0:e1][perm] = res
     return out
 
@@ -1233,19 +1280,19 @@ def expectation_step(
     y_lik[:, 0] = 0  # DC excluded from the likelihood
     a_lik = a.clone()
     a_lik[:, 0] = 0
-    y_norm = x * s_ctf  # (b, p) for the norm residual (DC included)
+    pair_e = kc * r_c + rc  # (e,)
     cross = _fine_cross(
         fine.fine_q,
-        torch.stack([y_lik, y_norm]),
+        y_lik[None],
         fine.trans_phases,
         row,
-        kc * r_c + rc,
+        pair_e,
         tc,
         offsets,
         max_chunk_bytes,
-    )  # (e, 2, 8)
+    )[:, 0]  # (e, 8)
     # Σ_p a·|P|² for the fine ψ of the pairs used: (2, b, 2u)
-    pairs_used, pair_pos = _unique_inverse(kc * r_c + rc, k * r_c)  # (u,), (e,)
+    pairs_used, pair_pos = _unique_inverse(pair_e, k * r_c)  # (u,), (e,)
     ref_rows = (2 * pairs_used[:, None] + torch.arange(2, device=device)).reshape(-1)
     power = (
         torch.stack([a_lik, s_ctf * s_ctf]).reshape(2 * b, n_cur)
@@ -1253,7 +1300,7 @@ def expectation_step(
     ).view(2, b, -1, 2)  # (2, b, u, 2)
     power_e = power[:, row, pair_pos].to(torch.float64)  # (2, e, 2)
     cross = cross.to(torch.float64)
-    d_fine = power_e[0][:, :, None] - cross[:, 0].view(e, 2, 4)  # (e, 2, 4)
+    d_fine = power_e[0][:, :, None] - cross.view(e, 2, 4)  # (e, 2, 4)
 
     # dense per-particle layout (b, M·8); padding has diff2 = +inf, weight 0
     n8 = 8 * m_max
@@ -1325,17 +1372,30 @@ def expectation_step(
     beyond = batch.masked_power_beyond.to(torch.float64)
     log_likelihood = log_s - (min_diff2 + 0.5 * beyond) - log_two_pi_sigma2
 
-    # norm correction: E = Σ w Σ_p |s·CTF·P − X·φ|² (incl. DC) + power beyond
+    # norm correction: E = Σ w Σ_p |s·CTF·P − X·φ|² (incl. DC) + power beyond, over the
+    # kept fine samples only (their coarse parents go through the fine GEMMs again)
     x_power = (x.real**2 + x.imag**2).sum(-1).to(torch.float64)  # (b,)
-    resid_e = (
-        power_e[1][:, :, None]
-        + x_power[row, None, None]
-        - 2.0 * cross[:, 1].view(e, 2, 4)
-    )  # (e, 2, 4)
-    rr = torch.zeros((b, m_max, 8), dtype=torch.float64, device=device)
-    rr[row, col] = resid_e.reshape(e, 8)
+    parent = torch.tensor(offsets[:-1], device=device)[keep_row] + keep_idx // 8
+    parents, parent_pos = _unique_inverse(parent, e)  # (u,) ascending, (n_keep,)
+    parent_row = row[parents]
+    cross_norm = _fine_cross(
+        fine.fine_q,
+        (x * s_ctf)[None],  # (1, b, p), DC included
+        fine.trans_phases,
+        parent_row,
+        pair_e[parents],
+        tc[parents],
+        [0, *torch.cumsum(torch.bincount(parent_row, minlength=b), 0).tolist()],
+        max_chunk_bytes,
+    )[:, 0]  # (u, 8)
+    fine_col = keep_idx % 8
+    resid_keep = (
+        power_e[1][parent, fine_col // 4]
+        + x_power[keep_row]
+        - 2.0 * cross_norm[parent_pos, fine_col].to(torch.float64)
+    )  # (n_keep,)
     resid = torch.zeros(b, dtype=torch.float64, device=device).index_add_(
-        0, keep_row, w_keep * rr.view(b, n8)[keep_row, keep_idx]
+        0, keep_row, w_keep * resid_keep
     )
     resid = resid.clamp(min=0.0)
     norm_corr = torch.sqrt(2.0 * (resid + beyond))

@@ -807,3 +807,53 @@ def test_optimised_estep_matches_dense_reference(mode, dense_threshold):
             0, torch.tensor(ref["cls"]), torch.tensor(ref["w"], dtype=d64)
         ),
     )
+
+
+def test_size_classes_pad_by_at_most_an_eighth():
+    from cryoavg.class2d.estep import _size_classes
+
+    counts = torch.arange(1, 5000)
+    padded = _size_classes(counts)
+    assert torch.equal(padded[:8], counts[:8])  # small groups are not padded
+    assert bool((padded >= counts).all())
+    assert float((padded / counts).max()) <= 1.125
+    assert len(torch.unique(padded)) < 120  # few size classes, few batched GEMMs
+
+
+@pytest.mark.parametrize("tile_bytes", [1 << 21, 1 << 12])
+def test_fine_cross_matches_per_sample_products(monkeypatch, tile_bytes):
+    """Batched, padded fine-pass GEMMs give each sample's own 8 cross terms."""
+    import cryoavg.class2d.estep as estep
+
+    monkeypatch.setattr(estep, "FINE_TILE_BYTES", tile_bytes)
+    gen = torch.Generator().manual_seed(5)
+    n_w, b, p, t_c, n_pairs = 2, 9, 40, 5, 12
+    fine_q = torch.randn(n_pairs, 8, 2 * p, generator=gen)
+    images = torch.complex(
+        torch.randn(n_w, b, p, generator=gen), torch.randn(n_w, b, p, generator=gen)
+    )
+    phases = torch.exp(1j * torch.rand(t_c, p, generator=gen) * 6.28).to(
+        torch.complex64
+    )
+    # skewed group sizes: pair 0 is used by every sample of particles 0..5, others rarely
+    rows, pairs, trans = [], [], []
+    for i in range(b):
+        n_i = int(torch.randint(1, 30, (1,), generator=gen))
+        for _ in range(n_i):
+            rows.append(i)
+            pairs.append(
+                0
+                if i < 6 and torch.rand(1, generator=gen) < 0.7
+                else int(torch.randint(0, n_pairs, (1,), generator=gen))
+            )
+            trans.append(int(torch.randint(0, t_c, (1,), generator=gen)))
+    row, pair, tc = (torch.tensor(v) for v in (rows, pairs, trans))
+    offsets = [0, *torch.cumsum(torch.bincount(row, minlength=b), 0).tolist()]
+    shifted = images[:, row] * phases[tc]  # (n, e, p)
+    z = torch.view_as_real(shifted).reshape(n_w, -1, 2 * p)  # (n, e, 2p)
+    expected = torch.einsum("nep,ejp->enj", z, fine_q[pair])
+    for chunk_bytes in (1 << 30, 3 * t_c * n_w * 2 * p * 4):  # one chunk, 3 particles
+        got = estep._fine_cross(
+            fine_q, images, phases, row, pair, tc, offsets, chunk_bytes
+        )
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
