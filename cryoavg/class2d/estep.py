@@ -22,8 +22,9 @@ A mini-batch of particles is aligned against all classes in two passes:
    ``(rows, 2p) × (2p, 8)`` of the gathered shifted images ``Y·φ_{t_coarse}`` with the
    pair's table ``P·conj(φ_δ)``, batched over the pairs with groups padded to a few
    sizes; the ``|P|²`` term is a GEMM over the pairs used. The un-weighted cross term
-   of the norm correction is evaluated the same way, only for the fine samples that
-   pass the second threshold below. New minimum,
+   of the norm correction is evaluated the same way: in the same pass when the coarse
+   weights are flat (most fine samples will be kept), else afterwards for the fine
+   samples that pass the second threshold below. New minimum,
    weights, their sum ``S``, a second significance threshold (no cap), all in a dense
    per-particle ``(b, significant·8)`` layout; contributing weights are normalised by
    ``S``.
@@ -940,6 +941,11 @@ def _unique_inverse(
     return keys, position[key]
 
 
+#: The fine pass also computes the norm-correction cross terms of every sample when at
+#: least this fraction of the batch reached the significance cap (flat weights, so most
+#: fine samples are kept); otherwise they are computed for the kept samples afterwards.
+NORM_IN_FINE_PASS_FRACTION = 0.5
+
 #: Bytes of gathered shifted images per batched GEMM of the fine pass (cache sized).
 FINE_TILE_BYTES = 1 << 21
 
@@ -1281,16 +1287,26 @@ def expectation_step(
     a_lik = a.clone()
     a_lik[:, 0] = 0
     pair_e = kc * r_c + rc  # (e,)
+    y_norm = x * s_ctf  # (b, p) for the norm residual (DC included)
+    # flat coarse weights (most particles at the cap) keep most fine samples: then the
+    # norm cross terms are cheapest in the same pass, otherwise for the kept ones only
+    norm_in_pass = bool(
+        max_significant
+        and (n_significant >= max_significant).double().mean()
+        >= NORM_IN_FINE_PASS_FRACTION
+    )
     cross = _fine_cross(
         fine.fine_q,
-        y_lik[None],
+        torch.stack([y_lik, y_norm]) if norm_in_pass else y_lik[None],
         fine.trans_phases,
         row,
         pair_e,
         tc,
         offsets,
         max_chunk_bytes,
-    )[:, 0]  # (e, 8)
+    )  # (e, 2 or 1, 8)
+    cross_norm_all = cross[:, 1] if norm_in_pass else None  # (e, 8)
+    cross = cross[:, 0]  # (e, 8)
     # Σ_p a·|P|² for the fine ψ of the pairs used: (2, b, 2u)
     pairs_used, pair_pos = _unique_inverse(pair_e, k * r_c)  # (u,), (e,)
     ref_rows = (2 * pairs_used[:, None] + torch.arange(2, device=device)).reshape(-1)
@@ -1373,26 +1389,30 @@ def expectation_step(
     log_likelihood = log_s - (min_diff2 + 0.5 * beyond) - log_two_pi_sigma2
 
     # norm correction: E = Σ w Σ_p |s·CTF·P − X·φ|² (incl. DC) + power beyond, over the
-    # kept fine samples only (their coarse parents go through the fine GEMMs again)
+    # kept fine samples (if not done in the fine pass, their coarse parents go through
+    # the fine GEMMs again)
     x_power = (x.real**2 + x.imag**2).sum(-1).to(torch.float64)  # (b,)
     parent = torch.tensor(offsets[:-1], device=device)[keep_row] + keep_idx // 8
-    parents, parent_pos = _unique_inverse(parent, e)  # (u,) ascending, (n_keep,)
-    parent_row = row[parents]
-    cross_norm = _fine_cross(
-        fine.fine_q,
-        (x * s_ctf)[None],  # (1, b, p), DC included
-        fine.trans_phases,
-        parent_row,
-        pair_e[parents],
-        tc[parents],
-        [0, *torch.cumsum(torch.bincount(parent_row, minlength=b), 0).tolist()],
-        max_chunk_bytes,
-    )[:, 0]  # (u, 8)
     fine_col = keep_idx % 8
+    if cross_norm_all is None:
+        parents, parent_pos = _unique_inverse(parent, e)  # (u,) ascending, (n_keep,)
+        parent_row = row[parents]
+        cross_norm = _fine_cross(
+            fine.fine_q,
+            y_norm[None],
+            fine.trans_phases,
+            parent_row,
+            pair_e[parents],
+            tc[parents],
+            [0, *torch.cumsum(torch.bincount(parent_row, minlength=b), 0).tolist()],
+            max_chunk_bytes,
+        )[parent_pos, 0, fine_col]  # (n_keep,)
+    else:
+        cross_norm = cross_norm_all[parent, fine_col]  # (n_keep,)
     resid_keep = (
         power_e[1][parent, fine_col // 4]
         + x_power[keep_row]
-        - 2.0 * cross_norm[parent_pos, fine_col].to(torch.float64)
+        - 2.0 * cross_norm.to(torch.float64)
     )  # (n_keep,)
     resid = torch.zeros(b, dtype=torch.float64, device=device).index_add_(
         0, keep_row, w_keep * resid_keep

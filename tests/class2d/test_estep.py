@@ -671,7 +671,14 @@ def _naive_estep_and_statistics(batch, proj, psi, trans, ps, *, opts, ssnr, mode
 
 @pytest.mark.parametrize("mode", ["vdam", "em"])
 @pytest.mark.parametrize("dense_threshold", [None, 0.0])
-def test_optimised_estep_matches_dense_reference(mode, dense_threshold):
+@pytest.mark.parametrize("norm_in_pass", [0.0, 2.0])
+def test_optimised_estep_matches_dense_reference(
+    mode, dense_threshold, norm_in_pass, monkeypatch
+):
+    import cryoavg.class2d.estep as estep
+
+    # 0.0: norm cross terms in the fine pass; 2.0: afterwards, for kept samples only
+    monkeypatch.setattr(estep, "NORM_IN_FINE_PASS_FRACTION", norm_in_pass)
     n = 24
     psi = PsiGrid.build(6.0, perturbation=0.3)
     trans = TranslationGrid.build(3.0, 1.0, perturbation=-0.2)
