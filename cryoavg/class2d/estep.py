@@ -941,6 +941,9 @@ def _unique_inverse(
     return keys, position[key]
 
 
+#: Bound on the coarse scores of one chunk of particles on a CPU (bytes).
+COARSE_CHUNK_BYTES_CPU = 1 << 25
+
 #: The fine pass also computes the norm-correction cross terms of every sample when at
 #: least this fraction of the batch reached the significance cap (flat weights, so most
 #: fine samples are kept); otherwise they are computed for the kept samples afterwards.
@@ -1019,9 +1022,8 @@ def _fine_cross(
         # the distinct shifted images (particle, coarse translation) of the chunk
         zkey = (row[e0:e1] - i0) * t_c + trans_coarse[e0:e1]
         used, zpos = _unique_inverse(zkey, (i1 - i0) * t_c)  # (v,), (c,)
-        z = weighted_images.index_select(1, i0 + used // t_c) * (
-            trans_phases.index_select(0, used % t_c)
-        )  # (n, v, p)
+        z = weighted_images.index_select(1, i0 + used // t_c)  # (n, v, p)
+        z.mul_(trans_phases.index_select(0, used % t_c))
         z_rows = torch.view_as_real(z.transpose(0, 1).contiguous()).view(-1, width)
         # groups: samples sorted by pair; (g,) groups with their padded sizes
         pr = pair[e0:e1]
@@ -1229,9 +1231,13 @@ def expectation_step(
     # ---- pass 1: coarse
     p_c = n_coarse - 1
     elem = batch.ctf.element_size()
-    step = _rows_per_chunk(
-        t_c * (4 * p_c + 3 * k * r_c) * elem, min(max_chunk_bytes, 1 << 25), b
+    # on a CPU, cache-sized chunks of the score tensor are faster; a GPU takes them whole
+    coarse_bytes = (
+        max_chunk_bytes
+        if device.type == "cuda"
+        else min(max_chunk_bytes, COARSE_CHUNK_BYTES_CPU)
     )
+    step = _rows_per_chunk(t_c * (4 * p_c + 3 * k * r_c) * elem, coarse_bytes, b)
     orders, counts = [], []
     inf = torch.tensor(math.inf, dtype=rdtype, device=device)
     for i in range(0, b, step):
