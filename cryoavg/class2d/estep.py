@@ -674,8 +674,16 @@ def _significant_dense(
         top, order = torch.topk(log_w, m, dim=1, largest=True, sorted=True)
     else:
         top, order = torch.sort(log_w, dim=1, descending=True)
-    # Σ exp(log_w − max): exponentials in the input dtype (all ≤ 1), summed in float64
-    total = torch.exp(log_w - top[:, :1]).sum(1, dtype=torch.float64)  # (b,)
+    # Σ exp(log_w − max): exponentials in the input dtype (all ≤ 1), summed in float64;
+    # terms below the dtype's smallest normal number are zero (a CPU's exp is many
+    # times slower where it underflows, and they are < 1e-37 of the largest term)
+    shifted = log_w - top[:, :1]  # (b, n)
+    tiny = math.log(torch.finfo(shifted.dtype).tiny)
+    total = (
+        shifted.masked_fill_(shifted < tiny, -math.inf)
+        .exp_()
+        .sum(1, dtype=torch.float64)
+    )  # (b,)
     top = top.to(torch.float64)
     lmax = top[:, :1]  # (b, 1)
     w = torch.exp(top - lmax)  # (b, m)
