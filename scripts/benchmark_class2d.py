@@ -8,7 +8,10 @@ Two parts, each printing a JSON summary (and writing it to ``--out``):
    with exactly RELION's settings from the kit's README (K=20, T=2, 100 VDAM iterations, mask
    300 Å, zero mask, centre classes, 6° / 1 px), measures CPU time (user+sys of the job process),
    wall time and peak RSS, scores the result with the kit's ``metrics2d.py`` and prints the ratios
-   against RELION 5's figures from the kit's README (same kind of 2-core machine).
+   against RELION 5's figures from the kit's README (same kind of 2-core machine). The job runs
+   under ``scripts/estep_probe.py``, which times every E-step and statistics call of the run;
+   the E-step's GEMM rate over the whole run is then compared with ``torch.matmul`` of the same
+   shapes, timed in this process afterwards (``estep_fraction_of_matmul_same_shapes``).
 2. ``estep``: E-step throughput. Times ``expectation_step`` on a realistic batch and counts the
    floating-point work of its scoring GEMMs; compares the achieved FLOP/s with ``torch.matmul`` of
    the same shape measured in the same run on the same device, and reports peak memory. With
