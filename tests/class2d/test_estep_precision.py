@@ -9,8 +9,6 @@ data of ``conftest`` (150 particles, 32 px, K = 3, 6°, ±3 px, coarse size 16, 
 at SNR 0.02 to 10 with and without a CTF.
 """
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -282,45 +280,6 @@ def test_estep_on_cuda_agrees_with_fp32(synthetic, grids, precision):
 # end to end
 
 
-@pytest.fixture(scope="module")
-def two_views(tmp_path_factory):
-    """60 top and 60 side views of the demo map (SNR 1), as in tests/cli/test_class2d_job."""
-    from cryoavg.cli.simulate import run_simulate
-    from cryoavg.io.star import read_star, write_star
-    from tests.conftest import compose_job
-
-    root = tmp_path_factory.mktemp("precision_views")
-    sim = root / "Simulate" / "job001"
-    run_simulate(
-        compose_job(
-            "simulate",
-            [
-                f"output={sim}",
-                "n_particles=800",
-                "box=32",
-                "pixel_size=15.68",
-                "junk_fraction=0",
-                "snr=1",
-                "seed=5",
-            ],
-        )
-    )
-    blocks = read_star(sim / "particles.star")
-    tilt = read_star(sim / "ground_truth.star")["particles"]["rlnAngleTilt"].to_numpy()
-    top = np.nonzero((tilt < 25) | (tilt > 155))[0][:60]
-    side = np.nonzero(np.abs(tilt - 90) < 12)[0][:60]
-    rows = np.sort(np.concatenate([top, side]))
-    star = root / "views.star"
-    write_star(
-        star,
-        {
-            "optics": blocks["optics"],
-            "particles": blocks["particles"].iloc[rows].reset_index(drop=True),
-        },
-    )
-    return SimpleNamespace(root=root, star=star, side=np.isin(rows, side))
-
-
 def test_bf16_class2d_run_gives_the_fp32_classes(two_views):
     from cryoavg.cli.class2d import run_class2d
     from tests.conftest import compose_job
@@ -350,7 +309,7 @@ def test_bf16_class2d_run_gives_the_fp32_classes(two_views):
     # and the classes are the views (so the agreement is not trivial)
     majorities = set()
     for k in np.unique(classes["fp32"]):
-        side_share = two_views.side[classes["fp32"] == k].mean()
+        side_share = two_views.view[classes["fp32"] == k].mean()
         if (classes["fp32"] == k).sum() >= 12:
             assert max(side_share, 1 - side_share) >= 0.9
             majorities.add(bool(side_share > 0.5))

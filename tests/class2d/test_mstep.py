@@ -352,7 +352,7 @@ def replacement_setup(priors):
     return state, residual_stats(state, targets)
 
 
-def update_with_replacement(state, stats):
+def update_with_replacement(state, stats, expand_class="gradient"):
     """One VDAM update inside the replacement window, c = 0.1 (0.1 / 3 > 0.01)."""
     return mstep.vdam_update(
         state,
@@ -362,7 +362,7 @@ def update_with_replacement(state, stats):
         0.9,
         allow_class_replacement=True,
         class_inactivity_threshold=0.1,
-        expand_class="gradient",
+        expand_class=expand_class,
     )
 
 
@@ -402,16 +402,7 @@ def test_expand_class_rule(rule, expected):
     """Class 0 has the largest error, class 1 the largest share; the rule picks."""
     state, stats = replacement_setup([0.39, 0.6, 0.01])
     old_images = state.class_images.clone()
-    result = mstep.vdam_update(
-        state,
-        stats,
-        0.3,
-        2.0,
-        0.9,
-        allow_class_replacement=True,
-        class_inactivity_threshold=0.1,
-        expand_class=rule,
-    )
+    result = update_with_replacement(state, stats, expand_class=rule)
     assert int(torch.argmax(result.class_error)) == 0
     assert (result.expanded_class, result.replaced_class) == (expected, 2)
     assert torch.equal(state.class_images[2], old_images[expected])

@@ -283,49 +283,6 @@ def test_em_run_writes_the_relion_file_set(em_run, tiny_simulation):
 # ---------------------------------------------------------------- 3. recovery of known views
 
 
-@pytest.fixture(scope="module")
-def two_views(tmp_path_factory):
-    """60 top and 60 side views of the demo map (no junk, SNR 1), with the true view.
-
-    In 2D, ψ is the in-plane angle that classification aligns away; the *view* is the
-    direction of projection (rot, tilt). For the D7 demo map, tilt ≈ 0°/180° looks down the
-    7-fold axis (a ring) and tilt ≈ 90° gives a striped side view at any rot.
-    """
-    from cryoavg.cli.simulate import run_simulate
-
-    root = tmp_path_factory.mktemp("views")
-    run_simulate(
-        compose_job(
-            "simulate",
-            [
-                f"output={root / 'Simulate' / 'job001'}",
-                "n_particles=800",
-                "box=32",
-                "pixel_size=15.68",
-                "junk_fraction=0",
-                "snr=1",
-                "seed=5",
-            ],
-        )
-    )
-    sim = root / "Simulate" / "job001"
-    blocks = read_star(sim / "particles.star")
-    tilt = _particles(sim / "ground_truth.star")["rlnAngleTilt"].to_numpy()
-    top = np.nonzero((tilt < 25) | (tilt > 155))[0][:60]
-    side = np.nonzero(np.abs(tilt - 90) < 12)[0][:60]
-    assert len(top) == len(side) == 60
-    rows = np.sort(np.concatenate([top, side]))
-    star = root / "views.star"
-    write_star(
-        star,
-        {
-            "optics": blocks["optics"],
-            "particles": blocks["particles"].iloc[rows].reset_index(drop=True),
-        },
-    )
-    return SimpleNamespace(star=star, view=np.isin(rows, side).astype(int), root=root)
-
-
 def _assert_views_recovered(classes: np.ndarray, view: np.ndarray) -> None:
     majorities = set()
     for k in np.unique(classes):

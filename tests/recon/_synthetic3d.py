@@ -65,3 +65,32 @@ def in_memory_data(
         group=torch.zeros(n, dtype=torch.long),
         ctf_parameters=ctf_parameters,
     )
+
+
+def oracle_estep_batch(images, data, pixel_set, *, ctf_parameters=None, mask_edge_px):
+    """E-step batch of all ``images`` of ``data`` before any alignment.
+
+    Zero offsets, unit norm and scale, the initial noise spectrum of ``data``; the CTF
+    of ``ctf_parameters`` (``None``: no CTF).
+    """
+    from cryoavg.class2d.preprocess import ctf_images, prepare_estep_batch
+    from cryoavg.recon.refine import initial_noise_spectrum
+
+    n, box = images.shape[0], images.shape[-1]
+    return prepare_estep_batch(
+        images,
+        index=torch.arange(n),
+        optics_group=data.optics_group,
+        group=data.group,
+        offset_px=torch.zeros(n, 2),
+        norm_correction=torch.ones(n),
+        ctf=None if ctf_parameters is None else ctf_images(ctf_parameters, box),
+        sigma2_noise=initial_noise_spectrum(data),
+        scale=torch.ones(1),
+        avg_norm=1.0,
+        pixel_set=pixel_set,
+        mask_radius_px=box / 2 - 2,
+        mask_edge_px=mask_edge_px,
+        zero_mask=True,
+        do_norm=False,
+    )

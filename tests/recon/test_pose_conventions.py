@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from cryoavg.class2d.estep import phase_shifts
-from cryoavg.class2d.preprocess import ctf_images, prepare_estep_batch
 from cryoavg.class2d.sampling import PixelSet
 from cryoavg.ops.fourier import dft_2d
 from cryoavg.ops.rotations import euler_angles_to_matrix, matrix_to_euler_angles
@@ -24,13 +23,12 @@ from cryoavg.recon.orientations import OrientationGrid, rotation_distance_degree
 from cryoavg.recon.reconstruct import wiener_reconstruct
 from cryoavg.recon.refine import (
     RefineSettings,
-    initial_noise_spectrum,
     initial_state,
     insert_slices,
     refine_iteration,
 )
 from cryoavg.simulate.particles import SimulationParameters, simulate_particles
-from tests.recon._synthetic3d import blob_map, in_memory_data
+from tests.recon._synthetic3d import blob_map, in_memory_data, oracle_estep_batch
 
 BOX = 32
 PIXEL = 6.0
@@ -117,22 +115,12 @@ def test_estep_against_true_map_recovers_simulated_poses(volume, apply_ctf):
     sim, ctf = _simulate(volume, n, snr=5.0, apply_ctf=apply_ctf, seed=13)
     data = in_memory_data(sim.images, pixel_size_angstrom=PIXEL, ctf_parameters=ctf)
     pixel_set = PixelSet.for_size(BOX, BOX)
-    batch = prepare_estep_batch(
+    batch = oracle_estep_batch(
         sim.images,
-        index=torch.arange(n),
-        optics_group=data.optics_group,
-        group=data.group,
-        offset_px=torch.zeros(n, 2),
-        norm_correction=torch.ones(n),
-        ctf=ctf_images(ctf, BOX) if apply_ctf else None,
-        sigma2_noise=initial_noise_spectrum(data),
-        scale=torch.ones(1),
-        avg_norm=1.0,
-        pixel_set=pixel_set,
-        mask_radius_px=BOX / 2 - 2,
+        data,
+        pixel_set,
+        ctf_parameters=ctf if apply_ctf else None,
         mask_edge_px=3.0,
-        zero_mask=True,
-        do_norm=False,
     )
     step = 15.0
     grid = OrientationGrid.uniform(step)

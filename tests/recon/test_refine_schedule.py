@@ -18,7 +18,12 @@ from cryoavg.recon.refine import (
     subset_size,
     upsample_linear_3d,
 )
-from tests.recon._synthetic3d import blob_map, in_memory_data, particles
+from tests.recon._synthetic3d import (
+    blob_map,
+    in_memory_data,
+    oracle_estep_batch,
+    particles,
+)
 
 BOX = 32
 SNR_ORACLE = 0.25  # the slow refinement test: the data determine the poses
@@ -127,13 +132,11 @@ def test_upsample_linear_keeps_coarse_voxels():
 def test_vdam_poses_approach_the_oracle():
     """A default VDAM refinement ends near the poses of one E-step against the TRUE
     map (the oracle), not ~3× further as before the schedule fixes."""
-    from cryoavg.class2d.preprocess import ctf_images, prepare_estep_batch
     from cryoavg.class2d.sampling import PixelSet
     from cryoavg.ops.rotations import euler_angles_to_matrix
     from cryoavg.ops.shifts import translation_grid_2d
     from cryoavg.recon.estep3d import SliceProjector, expectation_step_3d
     from cryoavg.recon.orientations import OrientationGrid, rotation_distance_degrees
-    from cryoavg.recon.refine import initial_noise_spectrum
     from cryoavg.simulate.particles import SimulationParameters, simulate_particles
 
     pixel, n = 6.0, 300
@@ -161,22 +164,8 @@ def test_vdam_poses_approach_the_oracle():
     # oracle: one E-step against the truth on the 15° grid
     pixel_set = PixelSet.for_size(BOX, BOX)
     grid = OrientationGrid.uniform(15.0)
-    batch = prepare_estep_batch(
-        sim.images,
-        index=torch.arange(n),
-        optics_group=data.optics_group,
-        group=data.group,
-        offset_px=torch.zeros(n, 2),
-        norm_correction=torch.ones(n),
-        ctf=ctf_images(ctf, BOX),
-        sigma2_noise=initial_noise_spectrum(data),
-        scale=torch.ones(1),
-        avg_norm=1.0,
-        pixel_set=pixel_set,
-        mask_radius_px=BOX / 2 - 2,
-        mask_edge_px=5.0,
-        zero_mask=True,
-        do_norm=False,
+    batch = oracle_estep_batch(
+        sim.images, data, pixel_set, ctf_parameters=ctf, mask_edge_px=5.0
     )
     result = expectation_step_3d(
         batch,
