@@ -1292,7 +1292,8 @@ def expectation_step(
     kc = (flat // r_c) % k
     rc = flat % r_c
     e = row.shape[0]
-    offsets = [0, *torch.cumsum(n_significant, 0).tolist()]
+    ends = torch.cumsum(n_significant, 0)  # (b,) end of each particle's samples
+    offsets = [0, *ends.tolist()]
 
     # ---- pass 2: the 8 fine samples of each significant coarse sample
     s_ctf = s * batch.ctf  # (b, p)
@@ -1406,7 +1407,7 @@ def expectation_step(
     # kept fine samples (if not done in the fine pass, their coarse parents go through
     # the fine GEMMs again)
     x_power = (x.real**2 + x.imag**2).sum(-1).to(torch.float64)  # (b,)
-    parent = torch.tensor(offsets[:-1], device=device)[keep_row] + keep_idx // 8
+    parent = (ends - n_significant)[keep_row] + keep_idx // 8  # (n_keep,) sample
     fine_col = keep_idx % 8
     if cross_norm_all is None:
         parents, parent_pos = _unique_inverse(parent, e)  # (u,) ascending, (n_keep,)
