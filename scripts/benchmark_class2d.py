@@ -23,6 +23,7 @@ Two parts, each printing a JSON summary (and writing it to ``--out``):
 Usage::
 
     python scripts/benchmark_class2d.py estep [--device cuda] [--precision fp32 bf16]
+    python scripts/benchmark_class2d.py splat [--device cuda] [--classes 100]
     python scripts/benchmark_class2d.py case [--algorithm em] [--case-dir bench_out/ribosome70S]
 """
 
@@ -319,6 +320,71 @@ def run_estep_rate(probe: dict, device: str = "cpu") -> dict:
     }
 
 
+# ------------------------------------------------------------------------------ insertion
+def benchmark_splat(args: argparse.Namespace) -> dict:
+    """Time the two ways of inserting a batch's rows, at several fills of the tables.
+
+    ``StatisticsUpdate.apply_to`` inserts ``u`` rows (distinct (half, class, ψ)) either
+    row by row (``pairs``) or by sparse products over whole (target, ψ) tables
+    (``dense``); it picks dense from a fill ``u / (targets · r_f)`` of
+    ``DENSE_SPLAT_FILL``. This prints both times and their ratio per fill, measured in
+    the same run, to calibrate that threshold on a device.
+    """
+    from cryoavg.class2d.estep import DENSE_SPLAT_FILL, StatisticsUpdate
+    from cryoavg.class2d.projector import ClassProjector
+    from cryoavg.class2d.sampling import PixelSet, PsiGrid
+    from cryoavg.class2d.statistics import Class2DStatistics
+
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    k, box = args.classes, args.box
+    pixel_set = PixelSet.for_size(box, args.current_size or box).to(device)
+    psi = PsiGrid.build(args.psi_step).fine_degrees.to(device)
+    r_f, p = int(psi.shape[0]), pixel_set.n_pixels
+    projector = ClassProjector(torch.randn(k, box, box, generator=gen).to(device))
+    rows = []
+    for fill in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0):
+        u = max(1, round(fill * 2 * k * r_f))
+        keys = torch.randperm(2 * k * r_f, generator=gen)[:u].sort().values.to(device)
+        data = torch.randn(u, p, generator=gen, dtype=torch.complex64).to(device)
+        weight = torch.rand(u, p, generator=gen).to(device)
+        seconds = {}
+        for splat in ("pairs", "dense"):
+
+            def insert(splat=splat, data=data, weight=weight, keys=keys):
+                update = StatisticsUpdate(
+                    sums={},
+                    data_rows=data,
+                    weight_rows=weight,
+                    target=keys // r_f,
+                    psi_index=keys % r_f,
+                    psi_degrees=psi,
+                    pixel_set=pixel_set,
+                )
+                stats = Class2DStatistics.zeros(k, box, device=device)
+                update.apply_to(stats, projector, splat=splat)
+
+            seconds[splat] = _time(insert)
+        rows.append(
+            {
+                "fill": round(u / (2 * k * r_f), 3),
+                "rows": u,
+                "pairs_ms": 1e3 * seconds["pairs"],
+                "dense_ms": 1e3 * seconds["dense"],
+                "dense_over_pairs": seconds["dense"] / seconds["pairs"],
+            }
+        )
+    return {
+        "device": str(device),
+        "classes": k,
+        "box": box,
+        "pixels": p,
+        "fine_psi": r_f,
+        "dense_splat_fill": DENSE_SPLAT_FILL,
+        "by_fill": rows,
+    }
+
+
 def ensure_case(case_dir: Path) -> Path:
     """Generate the public case with the kit's make_case.sh if it is not there yet."""
     if (case_dir / "particles.star").is_file():
@@ -469,6 +535,14 @@ def main() -> None:
         default=0,
         help="cap on significant samples per particle (0 = 5·k, -1 = none)",
     )
+    splat = sub.add_parser("splat")
+    splat.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    splat.add_argument("--box", type=int, default=64)
+    splat.add_argument("--current-size", type=int, default=46)
+    splat.add_argument("--classes", type=int, default=20)
+    splat.add_argument("--psi-step", type=float, default=6.0)
     case = sub.add_parser("case")
     case.add_argument("--algorithm", choices=["vdam", "em"], default="vdam")
     case.add_argument("--iterations", type=int, default=0)
@@ -476,10 +550,11 @@ def main() -> None:
     case.add_argument("--case-dir", default="bench_out/ribosome70S")
     case.add_argument("--run-dir", default=None)
     case.add_argument("--reuse", action="store_true")
-    for p in (estep, case):
+    for p in (estep, splat, case):
         p.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
-    result = benchmark_estep(args) if args.part == "estep" else benchmark_case(args)
+    parts = {"estep": benchmark_estep, "splat": benchmark_splat, "case": benchmark_case}
+    result = parts[args.part](args)
     text = json.dumps(result, indent=2, default=float)
     print(text)
     if args.out:

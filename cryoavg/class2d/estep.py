@@ -75,6 +75,7 @@ Units and conventions
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 from collections.abc import Iterator
@@ -87,6 +88,7 @@ from cryoavg.class2d.projector import ClassProjector
 from cryoavg.class2d.sampling import PixelSet, PsiGrid, TranslationGrid
 from cryoavg.class2d.settings import ESTEP_PRECISIONS
 from cryoavg.class2d.statistics import Class2DStatistics
+from cryoavg.ops import indexing
 
 __all__ = [
     "ESTEP_PRECISIONS",
@@ -480,11 +482,12 @@ def _log_offset_prior(
     """
     o_abs = pixel_size * (
         offset_px.to(torch.float64)[:, None, :] + translations_px[None]
-    )
-    diff = (
-        o_abs[:, :, None, :] - mu_angstrom.to(torch.float64)[None, None]
-    )  # (b, t, k, 2)
-    log_p = -(diff**2).sum(-1) / (2.0 * sigma2_offset)  # (b, t, k)
+    )  # (b, t, 2)
+    mu = mu_angstrom.to(torch.float64)  # (k, 2)
+    # y and x apart: a reduction over a last axis of 2 is slow on a CPU
+    dy = o_abs[:, :, None, 0] - mu[None, None, :, 0]  # (b, t, k)
+    dx = o_abs[:, :, None, 1] - mu[None, None, :, 1]
+    log_p = (dy * dy + dx * dx).div_(-2.0 * sigma2_offset)  # (b, t, k)
     n_tk = log_p.shape[1] * log_p.shape[2]
     log_mean = torch.logsumexp(log_p.flatten(1), dim=1) - math.log(max(n_tk, 1))
     return log_p - log_mean[:, None, None]
@@ -674,15 +677,14 @@ def _significant_dense(
         top, order = torch.topk(log_w, m, dim=1, largest=True, sorted=True)
     else:
         top, order = torch.sort(log_w, dim=1, descending=True)
-    # Σ exp(log_w − max): exponentials in the input dtype (all ≤ 1), summed in float64;
-    # terms below the dtype's smallest normal number are zero (a CPU's exp is many
-    # times slower where it underflows, and they are < 1e-37 of the largest term)
-    shifted = log_w - top[:, :1]  # (b, n)
-    tiny = math.log(torch.finfo(shifted.dtype).tiny)
+    # Σ exp(log_w − max): exponentials in the input dtype (all ≤ 1), summed in float64.
+    # Arguments are clamped a little above ln(smallest normal number): a CPU's exp is
+    # many times slower where its result is subnormal, and the n clamped terms add at
+    # most n·e⁴·1.2e-38 to a total ≥ 1 (the largest term), far below float64's
+    # resolution there.
+    floor = math.log(torch.finfo(log_w.dtype).tiny) + 4.0
     total = (
-        shifted.masked_fill_(shifted < tiny, -math.inf)
-        .exp_()
-        .sum(1, dtype=torch.float64)
+        (log_w - top[:, :1]).clamp_(min=floor).exp_().sum(1, dtype=torch.float64)
     )  # (b,)
     top = top.to(torch.float64)
     lmax = top[:, :1]  # (b, 1)
@@ -957,6 +959,12 @@ COARSE_CHUNK_BYTES_CPU = 1 << 25
 #: fine samples are kept); otherwise they are computed for the kept samples afterwards.
 NORM_IN_FINE_PASS_FRACTION = 0.5
 
+#: :meth:`StatisticsUpdate.apply_to` inserts the rows by sparse products over whole
+#: (target, ψ) tables when they fill at least this fraction of the tables (below it, the
+#: per-row scatter-adds do less work). Calibrated on CPU with
+#: ``scripts/benchmark_class2d.py splat``.
+DENSE_SPLAT_FILL = 0.25
+
 #: Bytes of gathered shifted images per batched GEMM of the fine pass (cache sized).
 FINE_TILE_BYTES = 1 << 21
 
@@ -1030,8 +1038,8 @@ def _fine_cross(
         # the distinct shifted images (particle, coarse translation) of the chunk
         zkey = (row[e0:e1] - i0) * t_c + trans_coarse[e0:e1]
         used, zpos = _unique_inverse(zkey, (i1 - i0) * t_c)  # (v,), (c,)
-        z = weighted_images.index_select(1, i0 + used // t_c)  # (n, v, p)
-        z.mul_(trans_phases.index_select(0, used % t_c))
+        z = indexing.index_select(weighted_images, 1, i0 + used // t_c)  # (n, v, p)
+        z.mul_(indexing.index_select(trans_phases, 0, used % t_c))
         z_rows = torch.view_as_real(z.transpose(0, 1).contiguous()).view(-1, width)
         # groups: samples sorted by pair; (g,) groups with their padded sizes
         pr = pair[e0:e1]
@@ -1272,9 +1280,15 @@ def expectation_step(
             d = torch.where(class_ok.view(1, 1, k, 1), d, inf)  # (c, t, k, r)
         c = d.shape[0]
         delta = d.sub_(d.reshape(c, -1).amin(1).view(c, 1, 1, 1))
-        lw = log_prior[i : i + c, :, :, None].to(rdtype) - delta  # (c, t, k, r)
-        drop = _DROP if margin is None else (_DROP + margin).view(c, 1, 1, 1)
-        lw = lw.masked_fill_(delta > drop, -math.inf).reshape(c, -1)  # (c, t·k·r)
+        prior_c = log_prior[i : i + c, :, :, None].to(rdtype)  # (c, t, k, 1)
+        if margin is None:
+            # samples beyond the drop distance (diff2 − min > 700) are left in: their
+            # weights, exp(−700 + prior differences) of the best one's, are negligible
+            # in the total (see _significant_dense) and never significant
+            lw = torch.sub(prior_c, delta, out=delta).reshape(c, -1)  # (c, t·k·r)
+        else:
+            drop = (_DROP + margin).view(c, 1, 1, 1)
+            lw = (prior_c - delta).masked_fill_(delta > drop, -math.inf).reshape(c, -1)
         order, count = _significant_dense(
             lw, adaptive_fraction, max_significant, margin
         )
@@ -1671,6 +1685,7 @@ class StatisticsUpdate:
         projector: ClassProjector,
         *,
         max_chunk_bytes: int = 1 << 28,
+        splat: Literal["auto", "dense", "pairs"] = "auto",
     ) -> Class2DStatistics:
         """Add the contribution to ``stats`` in place (or what is left of it).
 
@@ -1682,6 +1697,12 @@ class StatisticsUpdate:
             The class projector of the E-step (its adjoint inserts the rows).
         max_chunk_bytes
             Bound on the temporaries of one insertion step.
+        splat
+            How the rows are inserted: ``"dense"`` by sparse products over whole
+            (target, ψ) tables (:meth:`ClassProjector.backproject_rows`), ``"pairs"``
+            row by row (:meth:`ClassProjector.backproject_pairs`), ``"auto"`` (default)
+            dense when the rows fill at least :data:`DENSE_SPLAT_FILL` of the tables of
+            the targets they go to. Both give the same sums up to rounding.
 
         Returns
         -------
@@ -1693,6 +1714,12 @@ class StatisticsUpdate:
         out_data = stats.data.view(k2, big, -1)
         out_weight = stats.weight.view(k2, big, -1)
         n = int(self.target.shape[0])
+        if splat == "auto":
+            n_targets = int(torch.unique(self.target).shape[0]) if n else 0
+            fill = n / max(1, n_targets * int(self.psi_degrees.shape[0]))
+            splat = "dense" if fill >= DENSE_SPLAT_FILL else "pairs"
+        if splat == "dense":
+            self._apply_dense(projector, out_data, out_weight, max_chunk_bytes)
         step = projector.pair_rows_per_step(self.pixel_set.n_pixels, max_chunk_bytes)
         while self.applied_rows < n:
             # one insertion step per call: its temporaries are all allocated before
@@ -1716,6 +1743,40 @@ class StatisticsUpdate:
                 getattr(stats, name).add_(value)  # same shape and dtype: no allocation
             self.sums_applied = True
         return stats
+
+    def _apply_dense(
+        self,
+        projector: ClassProjector,
+        out_data: torch.Tensor,
+        out_weight: torch.Tensor,
+        max_chunk_bytes: int,
+    ) -> None:
+        """The rows left, in steps of whole targets within the memory budget."""
+        n = int(self.target.shape[0])
+        r_f = int(self.psi_degrees.shape[0])
+        per_target = projector.splat_rows_per_target(
+            r_f, self.pixel_set.n_pixels, self.weight_rows.element_size()
+        )
+        targets_per_step = max(1, max_chunk_bytes // per_target)
+        # first row of each run of equal targets (the rows are sorted by target)
+        starts = torch.nonzero(self.target[1:] != self.target[:-1]).squeeze(-1) + 1
+        bounds = [0, *starts.tolist(), n]
+        while self.applied_rows < n:
+            i0 = self.applied_rows
+            first = bisect.bisect_right(bounds, i0) - 1  # the run holding row i0
+            i1 = bounds[min(len(bounds) - 1, first + targets_per_step)]
+            sl = slice(i0, i1)
+            projector.backproject_rows(
+                self.data_rows[sl],
+                self.weight_rows[sl],
+                self.target[sl],
+                self.psi_index[sl],
+                self.psi_degrees,
+                self.pixel_set,
+                out_data,
+                out_weight,
+            )
+            self.applied_rows = i1
 
 
 def accumulate_statistics(
@@ -1954,10 +2015,12 @@ def statistics_update(
             shift_sum = torch.view_as_complex(
                 (wt[sl] @ fine.fine_phases_ri).view(c, n_cur, 2)
             )  # (c, p) Σ_t w·φ_t
-            ref = fine.references.index_select(0, ref_row[sl])  # (c, p) P
+            ref = indexing.index_select(fine.references, 0, ref_row[sl])  # (c, p) P
             cb = s_ctf.index_select(0, rr)  # (c, p)
             # Σ_t w·Re(conj(s·CTF·P)·X·φ_t) and Σ_t w·|s·CTF·P|² per pixel
-            cross = (ref.conj() * (xm.index_select(0, rr) * shift_sum)).real * cb
+            cross = (
+                ref.conj() * (indexing.index_select(xm, 0, rr) * shift_sum)
+            ).real * cb
             mpow = (
                 fine.ref_power.index_select(0, ref_row[sl])
                 * (cb * cb)
@@ -1972,7 +2035,9 @@ def statistics_update(
             picked = scale_terms[:, torch.arange(c, device=device), rk[sl]]  # (2, c)
             xa[sl] = picked[0]
             aa[sl] = picked[1]
-            data_rows.index_add_(0, slot[sl], recon.index_select(0, rr) * shift_sum)
+            indexing.index_add_(
+                data_rows, 0, slot[sl], indexing.index_select(recon, 0, rr) * shift_sum
+            )
             weight_rows.index_add_(
                 0, slot[sl], recon_weight.index_select(0, rr) * w_row[sl, None]
             )
@@ -1999,7 +2064,7 @@ def statistics_update(
         for i in range(0, n_keys, step):
             sl = slice(i, i + step)
             data_rows[sl] -= (
-                fine.references.index_select(0, key_ref[sl]) * weight_rows[sl]
+                indexing.index_select(fine.references, 0, key_ref[sl]) * weight_rows[sl]
             )
 
     # insertion (back-rotation) into the padded accumulators, both halves at once, is

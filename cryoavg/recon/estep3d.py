@@ -40,6 +40,7 @@ import torch
 
 from cryoavg.class2d.estep import EStepBatch, phase_shifts
 from cryoavg.class2d.sampling import PixelSet
+from cryoavg.ops import indexing
 from cryoavg.ops.rotations import euler_angles_to_matrix
 
 __all__ = [
@@ -552,7 +553,7 @@ def accumulate_slices(
         s_r = batch.scale.to(torch.float64)[rr]
         xa.index_add_(0, grp[rr], cross.sum(1).to(torch.float64) / s_r)
         aa.index_add_(0, grp[rr], mpow.sum(1).to(torch.float64) / s_r**2)
-        data.index_add_(0, ori_slot[sl], recon[rr] * shift_sum)
+        indexing.index_add_(data, 0, ori_slot[sl], recon[rr] * shift_sum)
         weight.index_add_(0, ori_slot[sl], recon_w[rr] * w_row[sl, None].to(rdtype))
     w_particle = torch.zeros(b, dtype=torch.float64, device=device).index_add_(
         0, sm.particle_row, sm.weight.to(torch.float64)

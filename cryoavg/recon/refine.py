@@ -64,6 +64,7 @@ from cryoavg.class2d.sampling import PixelSet
 from cryoavg.class2d.schedule import VdamSchedule
 from cryoavg.errors import ConfigError
 from cryoavg.localsym.apply import MASK_EPS, apply_local_symmetry
+from cryoavg.ops import indexing
 from cryoavg.ops.fourier import (
     dft_2d,
     lowpass_filter,
@@ -849,9 +850,12 @@ def refine_iteration(
             state.n_alignments[index] += 1
         # one central slice per distinct orientation of this half
         ids, slot = torch.unique(torch.cat(pending_ids), return_inverse=True)
-        slice_data = torch.zeros(
-            (ids.shape[0], pixel_set.n_pixels), dtype=torch.complex64
-        ).index_add_(0, slot, torch.cat(pending_data))
+        slice_data = indexing.index_add_(
+            torch.zeros((ids.shape[0], pixel_set.n_pixels), dtype=torch.complex64),
+            0,
+            slot,
+            torch.cat(pending_data),
+        )
         slice_weight = torch.zeros(
             (ids.shape[0], pixel_set.n_pixels), dtype=torch.float32
         ).index_add_(0, slot, torch.cat(pending_weight))

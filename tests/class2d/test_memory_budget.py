@@ -132,7 +132,8 @@ def test_particles_per_pass_splits_evenly():
 # ---------------------------------------------------------------- resumable insertion
 
 
-def test_statistics_update_survives_a_failed_insertion(synthetic, monkeypatch):
+@pytest.mark.parametrize("splat", ["pairs", "dense"])
+def test_statistics_update_survives_a_failed_insertion(synthetic, monkeypatch, splat):
     """An allocation failure half-way through adding leaves nothing added twice or half."""
     n, k = 32, 3
     psi, trans = PsiGrid.build(6.0), TranslationGrid.build(3.0, 1.0)
@@ -177,24 +178,26 @@ def test_statistics_update_survives_a_failed_insertion(synthetic, monkeypatch):
     # computing the update adds nothing
     assert all(float(t.abs().sum()) == 0.0 for t in stats.as_dict().values())
     rows = int(update.target.shape[0])
-    step = proj.pair_rows_per_step(ps.n_pixels, small)
-    assert rows > 2 * step  # the failure below falls in the middle
-    original = ClassProjector.backproject_pairs
-    calls = []
+    method = "backproject_pairs" if splat == "pairs" else "backproject_rows"
+    original = getattr(ClassProjector, method)
+    calls, done_before_failure = [], []
 
     def failing(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
+            done_before_failure.append(update.applied_rows)
             raise OOM("injected")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(ClassProjector, "backproject_pairs", failing)
+    monkeypatch.setattr(ClassProjector, method, failing)
     with pytest.raises(OOM):
-        update.apply_to(stats, proj, max_chunk_bytes=small)
-    assert update.applied_rows == 2 * step
+        update.apply_to(stats, proj, max_chunk_bytes=small, splat=splat)
+    # two steps were added, the failed one was not, and the rest is still to come
+    assert 0 < done_before_failure[0] == update.applied_rows < rows
     assert not update.sums_applied
-    update.apply_to(stats, proj, max_chunk_bytes=small)  # resumes
-    update.apply_to(stats, proj, max_chunk_bytes=small)  # already complete: no-op
+    update.apply_to(stats, proj, max_chunk_bytes=small, splat=splat)  # resumes
+    update.apply_to(stats, proj, max_chunk_bytes=small, splat=splat)  # complete: no-op
+    assert len(calls) > 4
     for name, value in expected.as_dict().items():
         torch.testing.assert_close(stats.as_dict()[name], value, msg=name)
     torch.testing.assert_close(stats.data, expected.data, rtol=0, atol=0)
@@ -312,32 +315,57 @@ def test_injected_oom_in_the_estep_halves_the_budget(
     _assert_same(run, reference_run, rtol=1e-6)
 
 
-def test_injected_oom_while_adding_statistics(tiny_simulation, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fill", [2.0, 0.0], ids=["pairs", "dense"])
+def test_injected_oom_while_adding_statistics(
+    tiny_simulation, tmp_path, monkeypatch, fill
+):
     """A failure half-way through adding one pass's statistics is resumed, not redone."""
+    import cryoavg.class2d.estep as estep_mod
+
+    monkeypatch.setattr(estep_mod, "DENSE_SPLAT_FILL", fill)  # one way of inserting
     original_apply = StatisticsUpdate.apply_to
-    original_insert = ClassProjector.backproject_pairs
     resumed = []
-    inserts = []
+    steps = []  # insertion steps of each apply_to call
+    failures = []
 
     def apply_to(self, *args, **kwargs):
         if self.applied_rows > 0:
             resumed.append(self.applied_rows)
+        steps.append(0)
         return original_apply(self, *args, **kwargs)
 
-    def insert(self, *args, **kwargs):
-        inserts.append(1)
-        if len(inserts) in (2, 9):
-            raise OOM("injected")
-        return original_insert(self, *args, **kwargs)
+    def failing(original):
+        # fails the first step of the second call (nothing added yet), then the second
+        # step of a later call (rows already added)
+        def insert(self, *args, **kwargs):
+            steps[-1] += 1
+            if (not failures and len(steps) == 2 and steps[-1] == 1) or (
+                len(failures) == 1 and steps[-1] == 2
+            ):
+                failures.append(len(steps))
+                raise OOM("injected")
+            return original(self, *args, **kwargs)
+
+        return insert
 
     monkeypatch.setattr(StatisticsUpdate, "apply_to", apply_to)
-    monkeypatch.setattr(ClassProjector, "backproject_pairs", insert)
+    for method in ("backproject_pairs", "backproject_rows"):
+        original = getattr(ClassProjector, method)
+        monkeypatch.setattr(ClassProjector, method, failing(original))
     run = _run(tiny_simulation, tmp_path / "a", "estep_memory_mib=4")
     monkeypatch.undo()
-    assert run[2].estep_memory_backoffs == 2
-    assert run[2].estep_memory_bytes == MIB
-    assert resumed  # a retry started with rows already added
+    assert run[2].estep_memory_backoffs == len(failures)
+    if fill > 1.0:
+        # row by row, a pass takes several steps: the second failure hits a pass with
+        # rows already added (the dense insertion takes one step per pass here at 4 and
+        # 2 MiB; its resumption is tested in test_statistics_update_survives_...)
+        assert len(failures) == 2
+        assert run[2].estep_memory_bytes == MIB
+        assert resumed  # a retry started with rows already added
+    else:
+        assert len(failures) >= 1
     # the same run without failures, at the budget the injected run started with
+    monkeypatch.setattr(estep_mod, "DENSE_SPLAT_FILL", fill)
     reference = _run(tiny_simulation, tmp_path / "b", "estep_memory_mib=4")
     assert reference[2].estep_memory_backoffs == 0
     _assert_same(run, reference, rtol=1e-4)

@@ -191,3 +191,42 @@ def test_backproject_weights_are_bilinear(pixel_set):
     assert float(out0[0, 0, 2]) == pytest.approx(1.0)  # (ky, kx) = (0, 1) → (0, 2)
     assert float(out0[0, 0, 1]) == 0.0  # odd padded points receive nothing
     assert float(out0[0].sum()) == pytest.approx(float(inside))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backproject_rows_equals_pairs(pixel_set, dtype):
+    """The sparse-product insertion of rows on an angle table equals the per-row one."""
+    gen = torch.Generator().manual_seed(3)
+    cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+    proj = ClassProjector(torch.randn(3, N, N, generator=gen, dtype=dtype))
+    big = proj.padded_size
+    psi = torch.arange(0.0, 360.0, 15.0, dtype=dtype)  # (24,), both half planes
+    n_targets, r, p = 7, psi.shape[0], pixel_set.n_pixels
+    # 40 distinct (target, angle) rows; target 4 has none
+    keys = torch.randperm(n_targets * r, generator=gen)
+    keys = keys[(keys // r) != 4][:40].sort().values
+    target, angle = keys // r, keys % r
+    values = torch.randn(40, p, generator=gen, dtype=cdtype)
+    weights = torch.rand(40, p, generator=gen, dtype=dtype)
+    expected_d = torch.zeros(n_targets, big, big // 2 + 1, dtype=cdtype)
+    expected_w = torch.zeros(n_targets, big, big // 2 + 1, dtype=dtype)
+    proj.backproject_pairs(
+        values,
+        target,
+        psi,
+        pixel_set,
+        expected_d,
+        weights=weights,
+        out_weight=expected_w,
+        target_index=target,
+        angle_index=angle,
+    )
+    out_d = torch.ones_like(expected_d)  # adds to what is there
+    out_w = torch.ones_like(expected_w)
+    proj.backproject_rows(values, weights, target, angle, psi, pixel_set, out_d, out_w)
+    torch.testing.assert_close(out_d - 1, expected_d)
+    torch.testing.assert_close(out_w - 1, expected_w)
+    assert float(expected_d[4].abs().sum()) == 0.0
+    # the sparse matrix is memoised per angle table and dtype
+    m1 = proj.splat_matrix(psi, pixel_set, dtype)[0]
+    assert proj.splat_matrix(psi, pixel_set, dtype)[0] is m1
