@@ -2018,9 +2018,8 @@ def statistics_update(
             ref = indexing.index_select(fine.references, 0, ref_row[sl])  # (c, p) P
             cb = s_ctf.index_select(0, rr)  # (c, p)
             # Σ_t w·Re(conj(s·CTF·P)·X·φ_t) and Σ_t w·|s·CTF·P|² per pixel
-            cross = (
-                ref.conj() * (indexing.index_select(xm, 0, rr) * shift_sum)
-            ).real * cb
+            z = indexing.index_select(xm, 0, rr) * shift_sum  # (c, p) X·Σ_t w·φ_t
+            cross = (ref.real * z.real + ref.imag * z.imag) * cb  # Re(conj(P)·z)·sCTF
             mpow = (
                 fine.ref_power.index_select(0, ref_row[sl])
                 * (cb * cb)
@@ -2031,10 +2030,9 @@ def statistics_update(
                 noise_pixels[0] += contrib.sum(0, dtype=torch.float64)
             else:
                 noise_pixels.index_add_(0, og[rr], contrib.to(torch.float64))
-            scale_terms = torch.stack([cross, mpow]) @ good.T  # (2, c, k)
-            picked = scale_terms[:, torch.arange(c, device=device), rk[sl]]  # (2, c)
-            xa[sl] = picked[0]
-            aa[sl] = picked[1]
+            good_rows = good.index_select(0, rk[sl])  # (c, p) the row's class
+            xa[sl] = (cross * good_rows).sum(1)
+            aa[sl] = (mpow * good_rows).sum(1)
             indexing.index_add_(
                 data_rows, 0, slot[sl], indexing.index_select(recon, 0, rr) * shift_sum
             )
