@@ -990,6 +990,7 @@ def _fine_cross(
     trans_coarse: torch.Tensor,
     particle_offsets: list[int],
     max_chunk_bytes: int,
+    table_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Re Σ_p conj(P)·Y·φ`` of the 8 fine samples of each coarse sample, ``n`` Y's.
 
@@ -1016,19 +1017,27 @@ def _fine_cross(
         ``(b + 1,)`` first entry of each particle (``row`` is sorted).
     max_chunk_bytes
         Bound on the shifted images held at once (chunks over particles).
+    table_scale
+        Optional ``(2p,)`` real per-pixel factor ``c`` (interleaved, as the tables), with
+        ``n = 1``: the products with the scaled tables, ``Re Σ_p conj(P)·c·Y·φ``, come
+        out too, in the same GEMMs (the tables get 8 more columns; no second gather).
 
     Returns
     -------
     torch.Tensor
-        ``(e, n, 8)`` real, last axis ``4·m + j`` (fine ψ ``m``, fine translation ``j``).
+        ``(e, n, 8)`` real, last axis ``4·m + j`` (fine ψ ``m``, fine translation ``j``);
+        ``(e, 2, 8)`` with ``table_scale``, the scaled products second.
     """
     n_w, b, p = weighted_images.shape
+    if table_scale is not None and n_w != 1:
+        raise ValueError("table_scale needs a single weighted image")
+    n_out = n_w if table_scale is None else 2  # products per gathered row
     t_c = trans_phases.shape[0]
     e = row.shape[0]
     device = row.device
     elem = weighted_images.real.element_size()
     width = n_w * 2 * p  # one gathered row: the n shifted images of a sample
-    out = weighted_images.real.new_empty((e, n_w, 8))
+    out = weighted_images.real.new_empty((e, n_out, 8))
     step = _rows_per_chunk(t_c * width * elem, max_chunk_bytes, b)
     for i0 in range(0, b, step):
         i1 = min(b, i0 + step)
@@ -1059,7 +1068,7 @@ def _fine_cross(
         class_sorted = class_of[group_of]  # (c,)
         max_rows = max(int(sizes.max()), FINE_TILE_BYTES // (width * elem))
         buffer = out.new_empty((max_rows, width))
-        res = out.new_empty((e1 - e0, n_w, 8))
+        res = out.new_empty((e1 - e0, n_out, 8))
         for j, s in enumerate(sizes.tolist()):
             members = torch.nonzero(class_of == j).squeeze(-1)  # (g_j,) groups
             g_j = members.shape[0]
@@ -1070,7 +1079,9 @@ def _fine_cross(
             index = torch.zeros(g_j * s, dtype=torch.int64, device=device)
             index[slot] = z_sorted[samples]  # padding rows read row 0
             tables = fine_q.index_select(0, groups[members]).transpose(1, 2)
-            prod = out.new_empty((g_j, s * n_w, 8))
+            if table_scale is not None:  # (g_j, 2p, 16): the tables, then scaled
+                tables = torch.cat([tables, tables * table_scale[None, :, None]], 2)
+            prod = out.new_empty((g_j, s * n_w, 8 * n_out // n_w))
             per_tile = max(1, max_rows // s)
             for g0 in range(0, g_j, per_tile):
                 g1 = min(g_j, g0 + per_tile)
@@ -1082,7 +1093,7 @@ def _fine_cross(
                     tables[g0:g1],
                     out=prod[g0:g1],
                 )
-            res[samples] = prod.view(-1, n_w, 8)[slot]
+            res[samples] = prod.view(-1, n_out, 8)[slot]
         out[e0:e1][perm] = res
     return out
 
@@ -1317,24 +1328,37 @@ def expectation_step(
     a_lik[:, 0] = 0
     pair_e = kc * r_c + rc  # (e,)
     y_norm = x * s_ctf  # (b, p) for the norm residual (DC included)
-    # flat coarse weights (most particles at the cap) keep most fine samples: then the
-    # norm cross terms are cheapest in the same pass, otherwise for the kept ones only
-    norm_in_pass = bool(
+    # one noise spectrum for the whole batch (one optics group): y_norm = σ²·y_lik off
+    # DC, so the norm cross terms come from the same gathered rows, with σ²-scaled
+    # tables, plus the DC term Re(conj(P_k(0))·y_norm(0)) (rotation keeps the DC)
+    sigma2 = batch.sigma2
+    one_spectrum = bool((sigma2 == sigma2[:1]).all())
+    # otherwise: flat coarse weights (most particles at the cap) keep most fine
+    # samples, so the norm cross terms are cheapest in the same pass (a second
+    # weighted image), else for the kept ones only, afterwards
+    norm_in_pass = one_spectrum or bool(
         max_significant
         and (n_significant >= max_significant).double().mean()
         >= NORM_IN_FINE_PASS_FRACTION
     )
     cross = _fine_cross(
         fine.fine_q,
-        torch.stack([y_lik, y_norm]) if norm_in_pass else y_lik[None],
+        y_lik[None]
+        if one_spectrum or not norm_in_pass
+        else torch.stack([y_lik, y_norm]),
         fine.trans_phases,
         row,
         pair_e,
         tc,
         offsets,
         max_chunk_bytes,
+        table_scale=sigma2[0].repeat_interleave(2) if one_spectrum else None,
     )  # (e, 2 or 1, 8)
     cross_norm_all = cross[:, 1] if norm_in_pass else None  # (e, 8)
+    if one_spectrum:
+        dc_ref = fine.references.view(k, -1, n_cur)[:, 0, 0]  # (k,) P_k(0)
+        dc = dc_ref[kc].conj() * y_norm[row, 0]  # (e,)
+        cross_norm_all = cross_norm_all + dc.real[:, None]
     cross = cross[:, 0]  # (e, 8)
     # Σ_p a·|P|² for the fine ψ of the pairs used: (2, b, 2u)
     pairs_used, pair_pos = _unique_inverse(pair_e, k * r_c)  # (u,), (e,)

@@ -671,14 +671,17 @@ def _naive_estep_and_statistics(batch, proj, psi, trans, ps, *, opts, ssnr, mode
 
 @pytest.mark.parametrize("mode", ["vdam", "em"])
 @pytest.mark.parametrize("dense_threshold", [None, 0.0])
-@pytest.mark.parametrize("norm_in_pass", [0.0, 2.0])
+@pytest.mark.parametrize("norm_path", ["one_spectrum", "in_pass", "after"])
 def test_optimised_estep_matches_dense_reference(
-    mode, dense_threshold, norm_in_pass, monkeypatch
+    mode, dense_threshold, norm_path, monkeypatch
 ):
     import cryoavg.class2d.estep as estep
 
-    # 0.0: norm cross terms in the fine pass; 2.0: afterwards, for kept samples only
-    monkeypatch.setattr(estep, "NORM_IN_FINE_PASS_FRACTION", norm_in_pass)
+    # the norm cross terms: with one noise spectrum, from σ²-scaled fine tables; with
+    # two, from a second weighted image in the fine pass (fraction 0.0) or afterwards
+    # for the kept samples only (2.0)
+    fraction = {"one_spectrum": 2.0, "in_pass": 0.0, "after": 2.0}[norm_path]
+    monkeypatch.setattr(estep, "NORM_IN_FINE_PASS_FRACTION", fraction)
     n = 24
     psi = PsiGrid.build(6.0, perturbation=0.3)
     trans = TranslationGrid.build(3.0, 1.0, perturbation=-0.2)
@@ -709,12 +712,15 @@ def test_optimised_estep_matches_dense_reference(
         dtype=torch.complex128,
     )
     x = (clean + noise) * shift.conj()
+    optics_group = torch.arange(b) % 2
+    if norm_path != "one_spectrum":  # a noise spectrum per optics group
+        sigma2 = sigma2 * (1.0 + 0.2 * optics_group.double())[:, None]
     batch = make_batch(x, ps, sigma2=1.0, ctf=ctf, scale=scale)
     batch.sigma2 = sigma2
     batch.images_unmasked_rfft = 0.9 * x + 0.001
     batch.offset_px = torch.randint(-2, 3, (b, 2), generator=gen).double()
     batch.index = torch.arange(b) + 3
-    batch.optics_group = torch.arange(b) % 2
+    batch.optics_group = optics_group
     batch.group = (torch.arange(b) // 4).long()
     f = n // 2 + 1
     batch.masked_shell_power_beyond = torch.rand(
@@ -864,3 +870,15 @@ def test_fine_cross_matches_per_sample_products(monkeypatch, tile_bytes):
             fine_q, images, phases, row, pair, tc, offsets, chunk_bytes
         )
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    # with a per-pixel table scale: one image, the plain and the scaled products
+    scale = torch.rand(2 * p, generator=gen) + 0.5
+    got = estep._fine_cross(
+        fine_q, images[:1], phases, row, pair, tc, offsets, 1 << 30, table_scale=scale
+    )
+    torch.testing.assert_close(got[:, 0], expected[:, 0], rtol=1e-5, atol=1e-4)
+    scaled = torch.einsum("ep,ejp->ej", z[0] * scale, fine_q[pair])
+    torch.testing.assert_close(got[:, 1], scaled, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="single weighted image"):
+        estep._fine_cross(
+            fine_q, images, phases, row, pair, tc, offsets, 1 << 30, table_scale=scale
+        )
