@@ -673,8 +673,11 @@ def _significant_dense(
         if (max_significant is None or max_significant <= 0)
         else min(n, int(max_significant))
     )
-    if m < n:
-        top, order = torch.topk(log_w, m, dim=1, largest=True, sorted=True)
+    # most rows have a handful of significant samples: a short top-k for all rows
+    # first, the full one only for the rows whose count may be longer
+    first = min(m, SIGNIFICANT_FIRST_TOPK) if m < n else m
+    if first < n:
+        top, order = torch.topk(log_w, first, dim=1, largest=True, sorted=True)
     else:
         top, order = torch.sort(log_w, dim=1, descending=True)
     # Σ exp(log_w − max): exponentials in the input dtype (all ≤ 1), summed in float64.
@@ -686,6 +689,43 @@ def _significant_dense(
     total = (
         (log_w - top[:, :1]).clamp_(min=floor).exp_().sum(1, dtype=torch.float64)
     )  # (b,)
+    count = _significant_count(top, total, adaptive_fraction, margin)
+    if first < m:
+        # rows whose first `first` samples may not be all: their full top-m
+        longer = torch.nonzero(count >= first).squeeze(-1)  # (l,)
+        order = torch.nn.functional.pad(order, (0, m - first))  # (b, m)
+        if longer.numel():
+            top_l, order_l = torch.topk(
+                log_w.index_select(0, longer), m, dim=1, largest=True, sorted=True
+            )
+            order[longer] = order_l
+            count[longer] = _significant_count(
+                top_l,
+                total[longer],
+                adaptive_fraction,
+                None if margin is None else margin[longer],
+            )
+    count = count.clamp(max=m)
+    return order, count
+
+
+#: :func:`_significant_dense` first takes this many samples of every row, then all
+#: ``max_significant`` of the rows that need more.
+SIGNIFICANT_FIRST_TOPK = 16
+
+
+def _significant_count(
+    top: torch.Tensor,
+    total: torch.Tensor,
+    adaptive_fraction: float,
+    margin: torch.Tensor | None,
+) -> torch.Tensor:
+    """Significant samples per row from its sorted largest log weights ``(b, m)``.
+
+    The first ``count`` samples hold ``adaptive_fraction`` of ``total`` (``(b,)``,
+    ``Σ exp(log_w − max)``) or, with ``margin``, lie within it of the largest. A count
+    of ``m`` means "``m`` or more".
+    """
     top = top.to(torch.float64)
     lmax = top[:, :1]  # (b, 1)
     w = torch.exp(top - lmax)  # (b, m)
@@ -695,8 +735,7 @@ def _significant_dense(
     if margin is not None:
         within = (top >= lmax - margin.to(torch.float64)[:, None]).sum(1)
         count = torch.maximum(count, within)
-    count = count.clamp(max=m)
-    return order, count
+    return count
 
 
 # --------------------------------------------------------------------------------------
@@ -1078,9 +1117,10 @@ def _fine_cross(
             slot = local[group_of[samples]] * s + within[samples]  # in (g_j·s,)
             index = torch.zeros(g_j * s, dtype=torch.int64, device=device)
             index[slot] = z_sorted[samples]  # padding rows read row 0
-            tables = fine_q.index_select(0, groups[members]).transpose(1, 2)
-            if table_scale is not None:  # (g_j, 2p, 16): the tables, then scaled
-                tables = torch.cat([tables, tables * table_scale[None, :, None]], 2)
+            tables = fine_q.index_select(0, groups[members])  # (g_j, 8, 2p)
+            if table_scale is not None:  # (g_j, 16, 2p): the tables, then scaled
+                tables = torch.cat([tables, tables * table_scale], 1)
+            tables = tables.transpose(1, 2)
             prod = out.new_empty((g_j, s * n_w, 8 * n_out // n_w))
             per_tile = max(1, max_rows // s)
             for g0 in range(0, g_j, per_tile):

@@ -882,3 +882,28 @@ def test_fine_cross_matches_per_sample_products(monkeypatch, tile_bytes):
         estep._fine_cross(
             fine_q, images, phases, row, pair, tc, offsets, 1 << 30, table_scale=scale
         )
+
+
+@pytest.mark.parametrize("with_margin", [False, True])
+def test_significance_in_two_stages_matches_one(monkeypatch, with_margin):
+    """A short top-k for all rows, then the full one for long rows: same counts."""
+    import cryoavg.class2d.estep as estep
+
+    gen = torch.Generator().manual_seed(11)
+    b, n, cap = 64, 500, 40
+    # rows from peaked (a few significant samples) to flat (at the cap)
+    spread = torch.logspace(-1, 4, b, dtype=torch.float64)[:, None]
+    log_w = (-spread * torch.rand(b, n, generator=gen, dtype=torch.float64)).float()
+    log_w[3, 100:] = -math.inf  # a row with dropped samples
+    margin = torch.full((b,), 2.0) if with_margin else None
+    monkeypatch.setattr(estep, "SIGNIFICANT_FIRST_TOPK", 1000)  # one stage
+    order1, count1 = estep._significant_dense(log_w.clone(), 0.999, cap, margin)
+    monkeypatch.setattr(estep, "SIGNIFICANT_FIRST_TOPK", 8)
+    order2, count2 = estep._significant_dense(log_w.clone(), 0.999, cap, margin)
+    assert torch.equal(count1, count2)
+    # both stages are used
+    assert int(count1.min()) < 8
+    assert int(count1.max()) == cap
+    for i in range(b):
+        c = int(count1[i])
+        assert torch.equal(order1[i, :c], order2[i, :c])
