@@ -11,7 +11,9 @@ Two parts, each printing a JSON summary (and writing it to ``--out``):
    against RELION 5's figures from the kit's README (same kind of 2-core machine). The job runs
    under ``scripts/estep_probe.py``, which times every E-step and statistics call of the run;
    the E-step's GEMM rate over the whole run is then compared with ``torch.matmul`` of the same
-   shapes, timed in this process afterwards (``estep_fraction_of_matmul_same_shapes``).
+   shapes, timed in this process afterwards (``estep_fraction_of_matmul_same_shapes``), and
+   with ``torch.matmul`` timed inside the run right after every 10th E-step call
+   (``estep_fraction_of_matmul_sampled_in_run``, robust to a machine whose speed drifts).
 2. ``estep``: E-step throughput. Times ``expectation_step`` on a realistic batch and counts the
    floating-point work of its scoring GEMMs; compares the achieved FLOP/s with ``torch.matmul`` of
    the same shape measured in the same run on the same device, and reports peak memory. With
@@ -310,7 +312,7 @@ def run_estep_rate(probe: dict, device: str = "cpu") -> dict:
         )
     estep_seconds = sum(c[0] for c in calls)
     statistics_seconds = sum(probe.get("statistics_seconds", []))
-    return {
+    figures = {
         "estep_calls": len(calls),
         "estep_seconds_total": estep_seconds,
         "statistics_seconds_total": statistics_seconds,
@@ -318,6 +320,15 @@ def run_estep_rate(probe: dict, device: str = "cpu") -> dict:
         "matmul_same_shapes_gflops": flops / matmul_seconds / 1e9,
         "estep_fraction_of_matmul_same_shapes": matmul_seconds / estep_seconds,
     }
+    sampled = probe.get("sampled", [])
+    if sampled:
+        # the same ratio from every 10th call, its matmuls timed right after it
+        figures["estep_fraction_of_matmul_sampled_in_run"] = sum(
+            s[1] for s in sampled
+        ) / sum(s[0] for s in sampled)
+        figures["estep_fraction_sampled_calls"] = len(sampled)
+        figures["probe_seconds"] = probe.get("probe_seconds", 0.0)
+    return figures
 
 
 # ------------------------------------------------------------------------------ insertion

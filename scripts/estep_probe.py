@@ -9,6 +9,12 @@ runs the ordinary command line. On exit (also on an error) it writes OUT.json:
 ``{"estep": [[seconds, b, t_c, p_c, k, r_c], ...], "statistics_seconds": [...]}``.
 The benchmark turns these into the E-step's GEMM FLOP/s over a real run and compares
 them with ``torch.matmul`` on the same shapes.
+
+Every ``SAMPLE_EVERY``-th call is also followed at once by ``torch.matmul`` on that
+call's GEMM shapes, timed (``"sampled": [[estep_seconds, matmul_seconds], ...]``): a
+reference taken at the same moment of the run as the E-step it is compared with, so a
+machine whose speed drifts (shared cores, clock changes) does not bias the fraction.
+These matmuls add about a second to the job (``"probe_seconds"``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,15 @@ import torch
 
 import cryoavg.class2d.module as module
 
-RECORD: dict[str, list] = {"estep": [], "statistics_seconds": []}
+RECORD: dict = {
+    "estep": [],
+    "statistics_seconds": [],
+    "sampled": [],
+    "probe_seconds": 0,
+}
+
+#: every this many E-step calls, time torch.matmul on the call's shapes right after it
+SAMPLE_EVERY = 10
 
 
 def _sync(device: torch.device) -> None:
@@ -43,19 +57,37 @@ def _timed_estep(function):
         _sync(device)
         seconds = time.perf_counter() - start
         coarse = min(int(kwargs["coarse_size"]), pixel_set.image_size)
-        RECORD["estep"].append(
-            [
-                seconds,
-                batch.n_particles,
-                int(translation_grid.coarse_px.shape[0]),
-                pixel_set.count_within(coarse) - 1,
-                projector.n_classes,
-                psi_grid.n_coarse,
-            ]
-        )
+        shape = [
+            batch.n_particles,
+            int(translation_grid.coarse_px.shape[0]),
+            pixel_set.count_within(coarse) - 1,
+            projector.n_classes,
+            psi_grid.n_coarse,
+        ]
+        RECORD["estep"].append([seconds, *shape])
+        if len(RECORD["estep"]) % SAMPLE_EVERY == 0:
+            probe_start = time.perf_counter()
+            RECORD["sampled"].append([seconds, _matmul_seconds(*shape, device)])
+            RECORD["probe_seconds"] += time.perf_counter() - probe_start
         return result
 
     return wrapper
+
+
+def _matmul_seconds(b: int, t_c: int, p_c: int, k: int, r_c: int, device) -> float:
+    """Best of 2 timings of the E-step's two GEMMs of these shapes by torch.matmul."""
+    cross_a = torch.randn(b * t_c, 2 * p_c, device=device)
+    cross_b = torch.randn(2 * p_c, k * r_c, device=device)
+    power_a = torch.randn(b, p_c, device=device)
+    power_b = torch.randn(p_c, k * r_c, device=device)
+    best = float("inf")
+    for _ in range(2):
+        _sync(device)
+        start = time.perf_counter()
+        cross_a @ cross_b, power_a @ power_b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _timed_statistics(function):
