@@ -680,16 +680,31 @@ def _significant_dense(
         top, order = torch.topk(log_w, first, dim=1, largest=True, sorted=True)
     else:
         top, order = torch.sort(log_w, dim=1, descending=True)
-    # Σ exp(log_w − max): exponentials in the input dtype (all ≤ 1), summed in float64.
-    # Arguments are clamped a little above ln(smallest normal number): a CPU's exp is
-    # many times slower where its result is subnormal, and the n clamped terms add at
-    # most n·e⁴·1.2e-38 to a total ≥ 1 (the largest term), far below float64's
-    # resolution there.
-    floor = math.log(torch.finfo(log_w.dtype).tiny) + 4.0
-    total = (
-        (log_w - top[:, :1]).clamp_(min=floor).exp_().sum(1, dtype=torch.float64)
-    )  # (b,)
-    count = _significant_count(top, total, adaptive_fraction, margin)
+    # the total weight Σ exp(log_w − max) lies between the sum of the first samples and
+    # that plus (n − first)·(the smallest of them): where both bounds give the same
+    # count, the count is exact without the sum over all n samples
+    w_first = torch.exp(top.to(torch.float64) - top[:, :1].to(torch.float64))
+    lower = w_first.sum(1)  # (b,)
+    upper = lower + (n - first) * w_first[:, -1]
+    count = _significant_count(top, lower, adaptive_fraction, margin)
+    unsure = count != _significant_count(top, upper, adaptive_fraction, margin)
+    exact = torch.nonzero(unsure | (count >= first)).squeeze(-1)  # (x,) rows
+    total = lower.clone()
+    if exact.numel():
+        # exponentials in the input dtype (all ≤ 1), summed in float64. Arguments are
+        # clamped a little above ln(smallest normal number): a CPU's exp is many times
+        # slower where its result is subnormal, and the n clamped terms add at most
+        # n·e⁴·1.2e-38 to a total ≥ 1 (the largest term), far below float64's
+        # resolution there.
+        floor = math.log(torch.finfo(log_w.dtype).tiny) + 4.0
+        rows = log_w.index_select(0, exact) - top.index_select(0, exact)[:, :1]
+        total[exact] = rows.clamp_(min=floor).exp_().sum(1, dtype=torch.float64)
+        count[exact] = _significant_count(
+            top[exact],
+            total[exact],
+            adaptive_fraction,
+            None if margin is None else margin[exact],
+        )
     if first < m:
         # rows whose first `first` samples may not be all: their full top-m
         longer = torch.nonzero(count >= first).squeeze(-1)  # (l,)
