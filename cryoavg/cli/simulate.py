@@ -35,6 +35,9 @@ log = logging.getLogger("cryoavg")
 
 #: larger pixel sizes are not cryo-EM (and overflow the float32 MRC cell size)
 MAX_PIXEL_SIZE_ANGSTROM = 1000.0
+#: smaller pixel sizes (Å/px) are not an electron microscope's (super-resolution pixels
+#: are ~0.3 Å); a header's tiny cell would put the CTF far beyond float range
+MIN_PIXEL_SIZE_ANGSTROM = 0.01
 
 
 def demo_map_path() -> Path:
@@ -69,16 +72,19 @@ def prepare_volume(
                 "no pixel size in the MRC header: give map_pixel_size=... (Å/px)",
             )
         source_pixel = pixel_size
-    if not source_pixel <= MAX_PIXEL_SIZE_ANGSTROM:
+    if not MIN_PIXEL_SIZE_ANGSTROM <= source_pixel <= MAX_PIXEL_SIZE_ANGSTROM:
         raise InputError(
             map_path,
-            f"implausible pixel size {source_pixel:g} Å/px (more than "
-            f"{MAX_PIXEL_SIZE_ANGSTROM:g}): give map_pixel_size=... (Å/px)",
+            f"implausible pixel size {source_pixel:g} Å/px (expected "
+            f"{MIN_PIXEL_SIZE_ANGSTROM:g} to {MAX_PIXEL_SIZE_ANGSTROM:g}): give "
+            "map_pixel_size=... (Å/px)",
         )
-    if pixel_size is not None and not 0 < pixel_size <= MAX_PIXEL_SIZE_ANGSTROM:
+    if pixel_size is not None and not (
+        MIN_PIXEL_SIZE_ANGSTROM <= pixel_size <= MAX_PIXEL_SIZE_ANGSTROM
+    ):
         raise ConfigError(
-            f"pixel_size={pixel_size:g}: expected a pixel size in Å/px between 0 and "
-            f"{MAX_PIXEL_SIZE_ANGSTROM:g}"
+            f"pixel_size={pixel_size:g}: expected a pixel size in Å/px between "
+            f"{MIN_PIXEL_SIZE_ANGSTROM:g} and {MAX_PIXEL_SIZE_ANGSTROM:g}"
         )
     target_pixel = float(pixel_size) if pixel_size is not None else float(source_pixel)
     volume = torch.as_tensor(data, dtype=torch.float32)

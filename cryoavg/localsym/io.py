@@ -130,6 +130,8 @@ def _group_operators(
         basenames[base] = name
         if not group.operators:
             raise InputError(path, f"mask {name} has no non-identity operator")
+    if not groups:
+        raise InputError(path, "no operators (the table has no rows)")
     return list(groups.values())
 
 

@@ -81,3 +81,17 @@ def test_unknown_key_is_rejected(tmp_path):
     assert out.returncode != 0
     assert "n_particle" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_map_with_a_tiny_pixel_size_is_one_line_error(tmp_path):
+    """A header cell of ~1e-27 Å (found by the full MRC fuzz test) once gave NaN images."""
+    path = tmp_path / "tiny.mrc"
+    data = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    with mrcfile.new(path) as handle:
+        handle.set_data(data)
+        handle.voxel_size = (3.4e-28, 2.0, 2.0)
+    out = _cli("simulate", f"map={path}", "output=Sim/job001", "box=16", cwd=tmp_path)
+    _assert_one_line_error(out, "tiny.mrc", "implausible pixel size")
+    assert not (tmp_path / "Sim").exists()
+    out = _cli("simulate", "pixel_size=0.001", "box=16", cwd=tmp_path)
+    _assert_one_line_error(out, "pixel_size")

@@ -10,6 +10,7 @@ from cryoavg.localsym.io import (
     read_dm_text,
     read_mask_info,
     read_mask_list,
+    read_operator_star,
     write_dm_text,
     write_operator_star,
 )
@@ -132,6 +133,22 @@ def test_operator_star_errors(tmp_path, rows, fragment):
     _star(path, header, rows)
     with pytest.raises(InputError, match=fragment):
         read_mask_info(path)
+
+
+def test_table_without_rows_is_error(tmp_path):
+    # a loop header and no rows (found by the full operator-STAR fuzz test)
+    path = tmp_path / "empty.star"
+    path.write_text(
+        "data_\n\nloop_\n_rlnMaskName #1\n_rlnAngleRot #2\n_rlnAngleTilt #3\n"
+        "_rlnAnglePsi #4\n_rlnOriginXAngst #5\n_rlnOriginYAngst #6\n"
+        "_rlnOriginZAngst #7\n"
+    )
+    with pytest.raises(InputError, match="no operators"):
+        read_operator_star(path)
+    text = tmp_path / "empty.txt"
+    text.write_text("\n")
+    with pytest.raises(InputError):
+        read_dm_text(text)
 
 
 def test_missing_columns_is_error(tmp_path):
