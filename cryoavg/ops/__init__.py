@@ -14,6 +14,8 @@ No I/O, Hydra or Lightning here. Each module's docstring states the conventions 
 * :mod:`~cryoavg.ops.masks`: soft masks, background replacement, centres of mass.
 * :mod:`~cryoavg.ops.projection`: projection / back-projection along RELION
   orientations.
+* :mod:`~cryoavg.ops.indexing`: row gathers and scatter-adds that stay fast for complex
+  tensors on a CPU.
 """
 
 from cryoavg.ops.ctf import apply_ctf_2d, ctf_1d, ctf_2d, electron_wavelength_angstrom
