@@ -161,6 +161,8 @@ def data_info(table: ParticleTable, source: ImageSource, settings) -> Any:
             "ctf=true but the STAR file has no CTF columns (rlnDefocusU/V, ...); "
             "use ctf=false for CTF-free data",
         )
+    if settings.do_ctf:
+        table.check_ctf()
     # imported only now: Lightning takes seconds to import, and bad input is reported first
     from cryoavg.class2d.module import DataInfo
 

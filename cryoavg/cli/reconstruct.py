@@ -254,6 +254,8 @@ def run_reconstruct(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         raise InputError(
             table.path, "no CTF parameters (rlnDefocusU/V/Angle, ...); set ctf=false"
         )
+    if settings.use_ctf:
+        table.check_ctf()
     premultiplied = _ctf_premultiplied(table) if settings.use_ctf else False
     halves, assigned = half_sets(table, int(cfg.seed))
     subset = str(cfg.subset)

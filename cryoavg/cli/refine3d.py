@@ -328,6 +328,8 @@ def run_refine3d(cfg: DictConfig) -> dict[str, Any]:
         raise InputError(particles, "optics groups have different pixel sizes")
     if settings.do_ctf and not table.has_ctf:
         raise InputError(particles, "ctf=true but the STAR file has no CTF columns")
+    if settings.do_ctf:
+        table.check_ctf()
     source = ImageSource.from_table(table, preread=bool(cfg.preread))
     box = int(source.box_size)
     pixel = float(np.asarray(table.pixel_size_angstrom)[0])

@@ -702,6 +702,39 @@ class ParticleTable:
         available = set(self.particles.columns) | optics_columns
         return all(label in available for label in _REQUIRED_CTF_LABELS)
 
+    def check_ctf(self) -> None:
+        """Check that the CTF parameters can be used (call it when the CTF is applied).
+
+        Raises
+        ------
+        InputError
+            Naming the file, the label and the first particle with a non-finite value,
+            a voltage that is not positive or an amplitude contrast outside [0, 1).
+        """
+        label_of = {key: label for key, label, _ in _CTF_LABELS}
+        checks = [
+            (key, ~np.isfinite(self._ctf[key]), "is not a finite number")
+            for key, _, _ in _CTF_LABELS
+        ]
+        voltage = self._ctf["voltage_kv"]
+        contrast = self._ctf["amplitude_contrast"]
+        checks.append(("voltage_kv", ~(voltage > 0), "must be positive (kV)"))
+        checks.append(
+            (
+                "amplitude_contrast",
+                ~((contrast >= 0) & (contrast < 1)),
+                "must be in [0, 1)",
+            )
+        )
+        for key, bad, problem in checks:
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise InputError(
+                    self.path,
+                    f"{label_of[key]} {problem}, got {self._ctf[key][row]:g} "
+                    f"for particle {row + 1}",
+                )
+
     def ctf_parameters(self) -> dict[str, np.ndarray]:
         """CTF parameters of every particle.
 

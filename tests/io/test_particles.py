@@ -284,6 +284,30 @@ def test_bad_particle_tables(tmp_path, change, problem):
     assert str(info.value).startswith(str(data.star))
 
 
+@pytest.mark.parametrize(
+    ("label", "value", "problem"),
+    [
+        ("rlnAmplitudeContrast", 2.0, r"rlnAmplitudeContrast must be in \[0, 1\)"),
+        ("rlnAmplitudeContrast", -0.1, "rlnAmplitudeContrast must be in"),
+        ("rlnVoltage", 0.0, "rlnVoltage must be positive"),
+    ],
+)
+def test_unusable_ctf_is_an_error_when_the_ctf_is_applied(
+    tmp_path, label, value, problem
+):
+    # values in swapped columns (found by the full reconstruct fuzz test) read fine, but
+    # a job that applies the CTF must refuse them with the file named
+    data = make_dataset(tmp_path)
+    optics = data.optics.copy()
+    optics.loc[1, label] = value
+    write_star(data.star, {"optics": optics, "particles": data.particles})
+    table = read_particles(data.star)
+    with pytest.raises(InputError, match=problem) as info:
+        table.check_ctf()
+    assert str(info.value).startswith(str(data.star))
+    read_particles(make_dataset(tmp_path / "good").star).check_ctf()
+
+
 def test_star_without_particles_table(tmp_path):
     path = tmp_path / "model.star"
     write_star(path, {"model_general": {"rlnNrClasses": 3}})
