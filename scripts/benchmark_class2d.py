@@ -281,6 +281,21 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------ case
+def estep_gemm_seconds(shape, device, repeats: int = 3) -> float:
+    """Best time of ``torch.matmul`` on one E-step call's two GEMMs (after a warm-up).
+
+    ``shape = (b, t_c, p_c, k, r_c)``: the coarse scoring GEMM
+    ``(b·t_c, 2p_c) × (2p_c, k·r_c)`` and the ``|P|²`` GEMM ``(b, p_c) × (p_c, k·r_c)``.
+    Also used inside the run by ``estep_probe.py``.
+    """
+    b, t_c, p_c, k, r_c = shape
+    cross_a = torch.randn(b * t_c, 2 * p_c, device=device)
+    cross_b = torch.randn(2 * p_c, k * r_c, device=device)
+    power_a = torch.randn(b, p_c, device=device)
+    power_b = torch.randn(p_c, k * r_c, device=device)
+    return _time(lambda: (cross_a @ cross_b, power_a @ power_b), repeats)
+
+
 def run_estep_rate(probe: dict, device: str = "cpu") -> dict:
     """E-step GEMM throughput over a whole run, from ``estep_probe.py``'s record.
 
@@ -298,15 +313,7 @@ def run_estep_rate(probe: dict, device: str = "cpu") -> dict:
         by_shape.setdefault(tuple(shape), []).append(seconds)
     matmul_seconds, flops = 0.0, 0.0
     for (b, t_c, p_c, k, r_c), times in by_shape.items():
-        cross_a = torch.randn(b * t_c, 2 * p_c, device=device)
-        cross_b = torch.randn(2 * p_c, k * r_c, device=device)
-        power_a = torch.randn(b, p_c, device=device)
-        power_b = torch.randn(p_c, k * r_c, device=device)
-
-        def gemms(cross_a=cross_a, cross_b=cross_b, power_a=power_a, power_b=power_b):
-            return cross_a @ cross_b, power_a @ power_b
-
-        matmul_seconds += _time(gemms) * len(times)
+        matmul_seconds += estep_gemm_seconds((b, t_c, p_c, k, r_c), device) * len(times)
         flops += (2.0 * b * t_c * 2 * p_c * k * r_c + 2.0 * b * p_c * k * r_c) * len(
             times
         )

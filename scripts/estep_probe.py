@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchmark_class2d import estep_gemm_seconds  # this script's folder
 
 import cryoavg.class2d.module as module
 
@@ -67,27 +68,11 @@ def _timed_estep(function):
         RECORD["estep"].append([seconds, *shape])
         if len(RECORD["estep"]) % SAMPLE_EVERY == 0:
             probe_start = time.perf_counter()
-            RECORD["sampled"].append([seconds, _matmul_seconds(*shape, device)])
+            RECORD["sampled"].append([seconds, estep_gemm_seconds(shape, device, 1)])
             RECORD["probe_seconds"] += time.perf_counter() - probe_start
         return result
 
     return wrapper
-
-
-def _matmul_seconds(b: int, t_c: int, p_c: int, k: int, r_c: int, device) -> float:
-    """Best of 2 timings of the E-step's two GEMMs of these shapes by torch.matmul."""
-    cross_a = torch.randn(b * t_c, 2 * p_c, device=device)
-    cross_b = torch.randn(2 * p_c, k * r_c, device=device)
-    power_a = torch.randn(b, p_c, device=device)
-    power_b = torch.randn(p_c, k * r_c, device=device)
-    best = float("inf")
-    for _ in range(2):
-        _sync(device)
-        start = time.perf_counter()
-        cross_a @ cross_b, power_a @ power_b
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _timed_statistics(function):
