@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Class2D benchmark: quality and speed on the public case, plus E-step throughput.
 
-Two parts, each printing a JSON summary (and writing it to ``--out``):
+Four parts, each printing a JSON summary (and writing it to ``--out``):
 
 1. ``case``: runs ``cryoavg class2d`` on the public benchmark case of ``../shared/bench``
    (70S ribosome, 4000 particles + 1000 junk, 64 px; generated with ``make_case.sh`` if absent)
@@ -21,12 +21,18 @@ Two parts, each printing a JSON summary (and writing it to ``--out``):
    (``estep_precision``; the matmul reference in the same arithmetic) and reports how far the
    results of the reduced precisions are from fp32 (log-likelihood, best pose, Pmax). On a CPU
    ``tf32`` is an emulation (rounded operands, fp32 GEMM), so it is not faster there.
+3. ``splat``: the two ways of inserting the statistics' rows, timed at several fills (it
+   calibrates ``DENSE_SPLAT_FILL`` on a device).
+4. ``tutorial``: the tutorial-sized job of #7 (10k simulated particles of 64 px, K = 100,
+   100 VDAM iterations, ``experiment=relion_tutorial``) end to end on one device: wall, CPU
+   and peak memory of the job process, and the E-step's GEMM rate over the run as in ``case``.
 
 Usage::
 
     python scripts/benchmark_class2d.py estep [--device cuda] [--precision fp32 bf16]
     python scripts/benchmark_class2d.py splat [--device cuda] [--classes 100]
     python scripts/benchmark_class2d.py case [--algorithm em] [--case-dir bench_out/ribosome70S]
+    python scripts/benchmark_class2d.py tutorial [--device cuda] [--override key=value ...]
 """
 
 import argparse
@@ -281,19 +287,25 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------ case
-def estep_gemm_seconds(shape, device, repeats: int = 3) -> float:
+def estep_gemm_seconds(
+    shape, device, repeats: int = 3, precision: str = "fp32"
+) -> float:
     """Best time of ``torch.matmul`` on one E-step call's two GEMMs (after a warm-up).
 
     ``shape = (b, t_c, p_c, k, r_c)``: the coarse scoring GEMM
-    ``(b·t_c, 2p_c) × (2p_c, k·r_c)`` and the ``|P|²`` GEMM ``(b, p_c) × (p_c, k·r_c)``.
-    Also used inside the run by ``estep_probe.py``.
+    ``(b·t_c, 2p_c) × (2p_c, k·r_c)``, in the E-step's ``precision`` (``estep_precision``),
+    and the fp32 ``|P|²`` GEMM ``(b, p_c) × (p_c, k·r_c)``. Also used inside the run by
+    ``estep_probe.py``.
     """
     b, t_c, p_c, k, r_c = shape
-    cross_a = torch.randn(b * t_c, 2 * p_c, device=device)
-    cross_b = torch.randn(2 * p_c, k * r_c, device=device)
+    cross = _matmul_in(
+        precision,
+        torch.randn(b * t_c, 2 * p_c, device=device),
+        torch.randn(2 * p_c, k * r_c, device=device),
+    )
     power_a = torch.randn(b, p_c, device=device)
     power_b = torch.randn(p_c, k * r_c, device=device)
-    return _time(lambda: (cross_a @ cross_b, power_a @ power_b), repeats)
+    return _time(lambda: (cross(), power_a @ power_b), repeats)
 
 
 def run_estep_rate(probe: dict, device: str = "cpu") -> dict:
@@ -301,7 +313,8 @@ def run_estep_rate(probe: dict, device: str = "cpu") -> dict:
 
     Each E-step call did one coarse scoring GEMM ``(b·t_c, 2p) × (2p, k·r_c)`` plus the
     ``|P|²`` GEMM ``(b, p) × (p, k·r_c)``. Here ``torch.matmul`` of every distinct shape
-    is timed in this process (same device and threads), and the fraction is the time
+    is timed in this process (same device and threads, the coarse GEMM in the run's
+    ``estep_precision``), and the fraction is the time
     those GEMMs take at ``torch.matmul``'s rate over the time the E-step calls took:
     1.0 would be an E-step that is nothing but its GEMMs at full speed.
     """
@@ -311,15 +324,19 @@ def run_estep_rate(probe: dict, device: str = "cpu") -> dict:
     by_shape: dict[tuple, list[float]] = {}
     for seconds, *shape in calls:
         by_shape.setdefault(tuple(shape), []).append(seconds)
+    precision = probe.get("precision", "fp32")
     matmul_seconds, flops = 0.0, 0.0
     for (b, t_c, p_c, k, r_c), times in by_shape.items():
-        matmul_seconds += estep_gemm_seconds((b, t_c, p_c, k, r_c), device) * len(times)
+        matmul_seconds += estep_gemm_seconds(
+            (b, t_c, p_c, k, r_c), device, precision=precision
+        ) * len(times)
         flops += (2.0 * b * t_c * 2 * p_c * k * r_c + 2.0 * b * p_c * k * r_c) * len(
             times
         )
     estep_seconds = sum(c[0] for c in calls)
     statistics_seconds = sum(probe.get("statistics_seconds", []))
     figures = {
+        "estep_precision": precision,
         "estep_calls": len(calls),
         "estep_seconds_total": estep_seconds,
         "statistics_seconds_total": statistics_seconds,
@@ -403,6 +420,21 @@ def benchmark_splat(args: argparse.Namespace) -> dict:
     }
 
 
+def _run_job(command: list[str]) -> dict:
+    """Run one job process; its wall time, CPU time (user + sys) and peak RSS."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "wall_seconds": wall,
+        "cpu_seconds": (after.ru_utime - before.ru_utime)
+        + (after.ru_stime - before.ru_stime),
+        "peak_memory_mb": after.ru_maxrss / 1024,
+    }
+
+
 def ensure_case(case_dir: Path) -> Path:
     """Generate the public case with the kit's make_case.sh if it is not there yet."""
     if (case_dir / "particles.star").is_file():
@@ -448,22 +480,13 @@ def benchmark_case(args: argparse.Namespace) -> dict:
         "offset_step=1",
         "ctf=true",
         f"seed={args.seed}",
+        f"trainer={'gpu' if args.device.startswith('cuda') else 'cpu'}",
         "trainer.enable_progress_bar=false",
         "logger=none",
     ]
     run = {}
     if not (out / f"run_it{iterations:03d}_optimiser.star").is_file():
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        subprocess.run(command, check=True)
-        wall = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        run = {
-            "wall_seconds": wall,
-            "cpu_seconds": (after.ru_utime - before.ru_utime)
-            + (after.ru_stime - before.ru_stime),
-            "peak_memory_mb": after.ru_maxrss / 1024,
-        }
+        run = _run_job(command)
     metrics_script = SHARED / "bench" / "metrics2d.py"
     scored = subprocess.run(
         [
@@ -492,7 +515,7 @@ def benchmark_case(args: argparse.Namespace) -> dict:
         **run,
     }
     if probe.is_file():
-        figures.update(run_estep_rate(json.loads(probe.read_text())))
+        figures.update(run_estep_rate(json.loads(probe.read_text()), args.device))
     comparison = {}
     for key, relion in RELION.items():
         ours = figures.get(key)
@@ -512,6 +535,85 @@ def benchmark_case(args: argparse.Namespace) -> dict:
         "vs_relion": comparison,
         "metrics2d": metrics,
     }
+
+
+# ------------------------------------------------------------------------------ tutorial
+#: the RELION-5 tutorial's Class2D job size (#7): 10k particles of 64 px, K = 100, 100 VDAM
+#: iterations; RELION 5 takes just over 3 min on 4 GPUs and 13 min on 1 GPU
+TUTORIAL_TARGET_SECONDS_H100 = 30.0
+
+
+def ensure_tutorial_data(data_dir: Path, n_particles: int) -> Path:
+    """Simulate a tutorial-sized data set with ``cryoavg simulate`` if it is not there.
+
+    The bundled HSP60 map at 3.54 Å/px in 64 px boxes (the tutorial's β-galactosidase
+    particles are 64 px at 3.54 Å/px, inside its 200 Å mask), CTF, SNR 0.05, 20 % junk.
+    """
+    if (data_dir / "particles.star").is_file():
+        return data_dir
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    # run in the parent folder: the STAR file names its stacks relative to it
+    command = [
+        sys.executable,
+        "-m",
+        "cryoavg.cli.main",
+        "simulate",
+        f"output={data_dir.name}",
+        f"n_particles={n_particles}",
+        "box=64",
+        "pixel_size=3.54",
+        "seed=1",
+    ]
+    subprocess.run(command, check=True, cwd=data_dir.parent)
+    return data_dir
+
+
+def benchmark_tutorial(args: argparse.Namespace) -> dict:
+    """Time the tutorial-sized Class2D job end to end (``experiment=relion_tutorial``).
+
+    The wall time is that of the whole ``cryoavg class2d`` process: start-up, reading,
+    all iterations and the written outputs. The job runs under ``estep_probe.py``, so the
+    E-step's GEMM rate over the run is compared with ``torch.matmul`` of the same shapes
+    on the same device (timed afterwards, and sampled inside the run).
+    """
+    device = torch.device(args.device)
+    data = ensure_tutorial_data(Path(args.data_dir).resolve(), args.particles)
+    out = Path(args.run_dir or f"bench_out/tutorial_{device.type}")
+    if out.exists():
+        sys.exit(f"error: {out}: exists (choose another --run-dir)")
+    probe = out.parent / f"{out.name}_estep_probe.json"
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "estep_probe.py"),
+        str(probe),
+        "class2d",
+        "experiment=relion_tutorial",
+        f"particles={data / 'particles.star'}",
+        f"project_dir={data.parent}",
+        f"output={out}",
+        f"iterations={args.iterations}",
+        f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        *args.override,
+    ]
+    figures = _run_job(command)
+    figures.update(run_estep_rate(json.loads(probe.read_text()), str(device)))
+    result = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "particles": args.particles,
+        "iterations": args.iterations,
+        "overrides": args.override,
+        "figures": figures,
+    }
+    if device.type == "cuda":
+        result["target_seconds_h100"] = TUTORIAL_TARGET_SECONDS_H100
+        result["meets_target_if_h100"] = (
+            figures["wall_seconds"] <= TUTORIAL_TARGET_SECONDS_H100
+        )
+    return result
 
 
 def main() -> None:
@@ -568,10 +670,32 @@ def main() -> None:
     case.add_argument("--case-dir", default="bench_out/ribosome70S")
     case.add_argument("--run-dir", default=None)
     case.add_argument("--reuse", action="store_true")
-    for p in (estep, splat, case):
+    case.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    tutorial = sub.add_parser("tutorial")
+    tutorial.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    tutorial.add_argument("--particles", type=int, default=10000)
+    tutorial.add_argument("--iterations", type=int, default=100)
+    tutorial.add_argument("--data-dir", default="bench_out/tutorial_sim")
+    tutorial.add_argument("--run-dir", default=None)
+    tutorial.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        help="more key=value overrides for the class2d job (e.g. estep_precision=bf16)",
+    )
+    for p in (estep, splat, case, tutorial):
         p.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
-    parts = {"estep": benchmark_estep, "splat": benchmark_splat, "case": benchmark_case}
+    parts = {
+        "estep": benchmark_estep,
+        "splat": benchmark_splat,
+        "case": benchmark_case,
+        "tutorial": benchmark_tutorial,
+    }
     result = parts[args.part](args)
     text = json.dumps(result, indent=2, default=float)
     print(text)

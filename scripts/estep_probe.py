@@ -6,7 +6,8 @@ Wraps the two hot functions that :mod:`cryoavg.class2d.module` calls,
 ``expectation_step`` and ``statistics_update``, records the wall time of each call and
 the shape of the coarse scoring GEMM it did, ``(b·t_c, 2·p_c) × (2·p_c, k·r_c)``, then
 runs the ordinary command line. On exit (also on an error) it writes OUT.json:
-``{"estep": [[seconds, b, t_c, p_c, k, r_c], ...], "statistics_seconds": [...]}``.
+``{"estep": [[seconds, b, t_c, p_c, k, r_c], ...], "statistics_seconds": [...],
+"precision": estep_precision}``.
 The benchmark turns these into the E-step's GEMM FLOP/s over a real run and compares
 them with ``torch.matmul`` on the same shapes.
 
@@ -36,6 +37,7 @@ RECORD: dict = {
     "statistics_seconds": [],
     "sampled": [],
     "probe_seconds": 0,
+    "precision": "fp32",
 }
 
 #: every this many E-step calls, time torch.matmul on the call's shapes right after it
@@ -65,10 +67,14 @@ def _timed_estep(function):
             projector.n_classes,
             psi_grid.n_coarse,
         ]
+        precision = kwargs.get("precision", "fp32")
+        RECORD["precision"] = precision
         RECORD["estep"].append([seconds, *shape])
         if len(RECORD["estep"]) % SAMPLE_EVERY == 0:
             probe_start = time.perf_counter()
-            RECORD["sampled"].append([seconds, estep_gemm_seconds(shape, device, 1)])
+            RECORD["sampled"].append(
+                [seconds, estep_gemm_seconds(shape, device, 1, precision)]
+            )
             RECORD["probe_seconds"] += time.perf_counter() - probe_start
         return result
 

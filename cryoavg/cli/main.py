@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     if job not in JOBS:
         sys.stderr.write(f"error: unknown job '{job}'; jobs: {', '.join(JOBS)}\n")
         raise SystemExit(2)
+    from cryoavg.cli._malloc import keep_freed_memory
+
+    keep_freed_memory()  # before the job allocates: no page faults for large tensors
     from cryoavg.cli._jobs import check_overrides
 
     check_overrides(job, args[1:])  # a bad key or value: one line, exit 2
