@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryoavg.io.atomic import atomic_path
+from cryoavg.io.figures import save_png, tile_grid
 
 
 def _normalise(images: torch.Tensor) -> torch.Tensor:
@@ -86,18 +86,10 @@ def write_class_gallery_png(
     columns
         Tiles per row.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     k = class_images.shape[0]
     order = torch.argsort(particle_counts, descending=True, stable=True)
     columns = columns or min(10, math.ceil(math.sqrt(k * 1.5)))
-    rows = math.ceil(k / columns)
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(1.6 * columns, 1.8 * rows + 0.4), squeeze=False
-    )
+    fig, axes = tile_grid(k, columns, title)
     for slot, axis in enumerate(axes.flat):
         axis.axis("off")
         if slot >= k:
@@ -109,9 +101,4 @@ def write_class_gallery_png(
         axis.set_title(
             f"#{cls + 1}  n={int(particle_counts[cls])}\n{res_text}", fontsize=7
         )
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=90, format="png")
-    plt.close(fig)
+    save_png(fig, path)

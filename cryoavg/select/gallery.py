@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cryoavg.io.atomic import atomic_path, atomic_write
+from cryoavg.io.atomic import atomic_write
+from cryoavg.io.figures import save_png, tile_grid
 
 __all__ = ["score_order", "write_selection_gallery_png", "write_selection_html"]
 
@@ -68,18 +69,10 @@ def write_selection_gallery_png(
     columns
         Tiles per row.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     k = int(images.shape[0])
     order = score_order(scores)
     columns = columns or min(10, math.ceil(math.sqrt(k * 1.5)))
-    rows = math.ceil(k / columns)
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(1.6 * columns, 1.8 * rows + 0.4), squeeze=False
-    )
+    fig, axes = tile_grid(k, columns, title)
     for slot, axis in enumerate(axes.flat):
         if slot >= k:
             axis.axis("off")
@@ -98,12 +91,7 @@ def write_selection_gallery_png(
             fontsize=6,
             color=colour,
         )
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=90, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _png_base64(image: np.ndarray) -> str:
