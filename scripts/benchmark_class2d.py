@@ -420,6 +420,17 @@ def benchmark_splat(args: argparse.Namespace) -> dict:
     }
 
 
+def _probed_class2d(out: Path) -> tuple[Path, list[str]]:
+    """The probe's record file for run folder ``out``, and the start of its command line."""
+    probe = out.parent / f"{out.name}_estep_probe.json"
+    return probe, [
+        sys.executable,
+        str(REPO / "scripts" / "estep_probe.py"),
+        str(probe),
+        "class2d",
+    ]
+
+
 def _run_job(command: list[str]) -> dict:
     """Run one job process; its wall time, CPU time (user + sys) and peak RSS."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -459,12 +470,8 @@ def benchmark_case(args: argparse.Namespace) -> dict:
             f"error: {out}: exists (use --reuse to score it, or another --run-dir)"
         )
     iterations = args.iterations or (100 if args.algorithm == "vdam" else 25)
-    probe = out.parent / f"{out.name}_estep_probe.json"
-    command = [
-        sys.executable,
-        str(REPO / "scripts" / "estep_probe.py"),
-        str(probe),
-        "class2d",
+    probe, command = _probed_class2d(out)
+    command += [
         f"particles={case / 'particles.star'}",
         f"output={out}",
         "classes=20",
@@ -581,12 +588,8 @@ def benchmark_tutorial(args: argparse.Namespace) -> dict:
     out = Path(args.run_dir or f"bench_out/tutorial_{device.type}")
     if out.exists():
         sys.exit(f"error: {out}: exists (choose another --run-dir)")
-    probe = out.parent / f"{out.name}_estep_probe.json"
-    command = [
-        sys.executable,
-        str(REPO / "scripts" / "estep_probe.py"),
-        str(probe),
-        "class2d",
+    probe, command = _probed_class2d(out)
+    command += [
         "experiment=relion_tutorial",
         f"particles={data / 'particles.star'}",
         f"project_dir={data.parent}",
