@@ -88,7 +88,6 @@ def write_class_gallery_png(
     """
     k = class_images.shape[0]
     order = torch.argsort(particle_counts, descending=True, stable=True)
-    columns = columns or min(10, math.ceil(math.sqrt(k * 1.5)))
     fig, axes = tile_grid(k, columns, title)
     for slot, axis in enumerate(axes.flat):
         axis.axis("off")

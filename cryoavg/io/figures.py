@@ -17,7 +17,7 @@ TITLE_IN = 0.4
 PNG_DPI = 90
 
 
-def tile_grid(n_tiles: int, columns: int, title: str = "") -> tuple[Any, Any]:
+def tile_grid(n_tiles: int, columns: int | None, title: str = "") -> tuple[Any, Any]:
     """A matplotlib figure of ``ceil(n_tiles / columns) × columns`` axes for image tiles.
 
     The margins are fixed in inches rather than computed by ``tight_layout``, which is slow
@@ -29,7 +29,7 @@ def tile_grid(n_tiles: int, columns: int, title: str = "") -> tuple[Any, Any]:
     n_tiles
         Number of tiles (the grid may have empty places at the end).
     columns
-        Tiles per row.
+        Tiles per row; ``None``: about 1.5 times as many columns as rows, at most 10.
     title
         Figure title ('' for none: no strip).
 
@@ -43,6 +43,7 @@ def tile_grid(n_tiles: int, columns: int, title: str = "") -> tuple[Any, Any]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    columns = columns or min(10, math.ceil(math.sqrt(n_tiles * 1.5)))
     rows = max(1, math.ceil(n_tiles / columns))
     title_in = TITLE_IN if title else 0.0
     height = TILE_HEIGHT_IN * rows + title_in

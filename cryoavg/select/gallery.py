@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 import os
 from collections.abc import Sequence
 
@@ -71,7 +70,6 @@ def write_selection_gallery_png(
     """
     k = int(images.shape[0])
     order = score_order(scores)
-    columns = columns or min(10, math.ceil(math.sqrt(k * 1.5)))
     fig, axes = tile_grid(k, columns, title)
     for slot, axis in enumerate(axes.flat):
         if slot >= k:
