@@ -420,29 +420,42 @@ def benchmark_splat(args: argparse.Namespace) -> dict:
     }
 
 
-def _probed_class2d(out: Path) -> tuple[Path, list[str]]:
-    """The probe's record file for run folder ``out``, and the start of its command line."""
+def _probed_class2d(out: Path, device: str) -> tuple[Path, list[str]]:
+    """The probe's record file for run folder ``out``, and the start of its command line.
+
+    The job runs on ``device`` (``trainer=gpu`` for CUDA, else ``trainer=cpu``) with no
+    progress bar and no logger.
+    """
     probe = out.parent / f"{out.name}_estep_probe.json"
     return probe, [
         sys.executable,
         str(REPO / "scripts" / "estep_probe.py"),
         str(probe),
         "class2d",
+        f"trainer={'gpu' if torch.device(device).type == 'cuda' else 'cpu'}",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
     ]
 
 
 def _run_job(command: list[str]) -> dict:
-    """Run one job process; its wall time, CPU time (user + sys) and peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """Run one job process; its wall time, CPU time (user + sys) and peak RSS.
+
+    The figures are that process's own (``os.wait4``), not those of every child this
+    process has run (``RUSAGE_CHILDREN`` would report the peak RSS of an earlier
+    ``cryoavg simulate`` as the job's).
+    """
     start = time.perf_counter()
-    subprocess.run(command, check=True)
+    process = subprocess.Popen(command)
+    _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise subprocess.CalledProcessError(code, command)
     return {
         "wall_seconds": wall,
-        "cpu_seconds": (after.ru_utime - before.ru_utime)
-        + (after.ru_stime - before.ru_stime),
-        "peak_memory_mb": after.ru_maxrss / 1024,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_memory_mb": usage.ru_maxrss / 1024,
     }
 
 
@@ -470,7 +483,7 @@ def benchmark_case(args: argparse.Namespace) -> dict:
             f"error: {out}: exists (use --reuse to score it, or another --run-dir)"
         )
     iterations = args.iterations or (100 if args.algorithm == "vdam" else 25)
-    probe, command = _probed_class2d(out)
+    probe, command = _probed_class2d(out, args.device)
     command += [
         f"particles={case / 'particles.star'}",
         f"output={out}",
@@ -487,9 +500,6 @@ def benchmark_case(args: argparse.Namespace) -> dict:
         "offset_step=1",
         "ctf=true",
         f"seed={args.seed}",
-        f"trainer={'gpu' if args.device.startswith('cuda') else 'cpu'}",
-        "trainer.enable_progress_bar=false",
-        "logger=none",
     ]
     run = {}
     if not (out / f"run_it{iterations:03d}_optimiser.star").is_file():
@@ -588,16 +598,13 @@ def benchmark_tutorial(args: argparse.Namespace) -> dict:
     out = Path(args.run_dir or f"bench_out/tutorial_{device.type}")
     if out.exists():
         sys.exit(f"error: {out}: exists (choose another --run-dir)")
-    probe, command = _probed_class2d(out)
+    probe, command = _probed_class2d(out, args.device)
     command += [
         "experiment=relion_tutorial",
         f"particles={data / 'particles.star'}",
         f"project_dir={data.parent}",
         f"output={out}",
         f"iterations={args.iterations}",
-        f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}",
-        "trainer.enable_progress_bar=false",
-        "logger=none",
         *args.override,
     ]
     figures = _run_job(command)
@@ -626,9 +633,6 @@ def main() -> None:
     )
     sub = parser.add_subparsers(dest="part", required=True)
     estep = sub.add_parser("estep")
-    estep.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
     estep.add_argument("--box", type=int, default=64)
     estep.add_argument("--classes", type=int, default=20)
     estep.add_argument("--batch", type=int, default=256)
@@ -659,9 +663,6 @@ def main() -> None:
         help="cap on significant samples per particle (0 = 5·k, -1 = none)",
     )
     splat = sub.add_parser("splat")
-    splat.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
     splat.add_argument("--box", type=int, default=64)
     splat.add_argument("--current-size", type=int, default=46)
     splat.add_argument("--classes", type=int, default=20)
@@ -673,13 +674,7 @@ def main() -> None:
     case.add_argument("--case-dir", default="bench_out/ribosome70S")
     case.add_argument("--run-dir", default=None)
     case.add_argument("--reuse", action="store_true")
-    case.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
     tutorial = sub.add_parser("tutorial")
-    tutorial.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
     tutorial.add_argument("--particles", type=int, default=10000)
     tutorial.add_argument("--iterations", type=int, default=100)
     tutorial.add_argument("--data-dir", default="bench_out/tutorial_sim")
@@ -691,6 +686,9 @@ def main() -> None:
         help="more key=value overrides for the class2d job (e.g. estep_precision=bf16)",
     )
     for p in (estep, splat, case, tutorial):
+        p.add_argument(
+            "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+        )
         p.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     parts = {
