@@ -2092,8 +2092,10 @@ def statistics_update(
             rr = rb[sl]
             c = rr.shape[0]
             shift_sum = torch.view_as_complex(
-                (wt[sl] @ fine.fine_phases_ri).view(c, n_cur, 2)
-            )  # (c, p) Σ_t w·φ_t
+                indexing.sparse_rows_matmul(wt[sl], fine.fine_phases_ri).view(
+                    c, n_cur, 2
+                )
+            )  # (c, p) Σ_t w·φ_t (a few of the T translations per row carry weight)
             ref = indexing.index_select(fine.references, 0, ref_row[sl])  # (c, p) P
             cb = s_ctf.index_select(0, rr)  # (c, p)
             # Σ_t w·Re(conj(s·CTF·P)·X·φ_t) and Σ_t w·|s·CTF·P|² per pixel
