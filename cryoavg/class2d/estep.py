@@ -1697,6 +1697,123 @@ def _pixel_terms_dense(
     return keys, data_rows, weight_rows, xa, aa
 
 
+def _pixel_terms_rows(
+    batch: EStepBatch,
+    fine: _FineTables,
+    *,
+    rb: torch.Tensor,
+    rk: torch.Tensor,
+    ref_row: torch.Tensor,
+    trans_weight: torch.Tensor,
+    slot: torch.Tensor,
+    n_slots: int,
+    good: torch.Tensor | None,
+    s_ctf: torch.Tensor,
+    recon: torch.Tensor,
+    recon_weight: torch.Tensor,
+    noise_pixels: torch.Tensor,
+    max_chunk_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pixel statistics of :func:`accumulate_statistics` per weighted row.
+
+    For each weighted (particle, class, ψ) row with translation weights ``w_t`` the
+    pixel-wise products are ``S = Σ_t w_t·φ_t`` (a sparse product: a row has a few
+    weighted translations) and ``Q = conj(P)·S``. Only two things are done per row and
+    pixel: the reconstruction row ``(s·CTF/σ²·X_unmasked)·S`` is added to its
+    accumulator, and ``Q`` (and ``good·Q``) is summed per particle. The noise and scale
+    terms then follow per particle:
+
+    * ``Σ_rows Re(conj(s·CTF·P)·X·S) = s·CTF·Re(X·Σ_rows Q)``;
+    * ``Σ_rows (Σ_t w)·|P|²·(s·CTF)²`` = ``(s·CTF)²·(W @ |P|²)`` with ``W[b, R]`` the
+      rows' total weights (a sparse product), likewise with ``good·|P|²`` for ``aa``;
+    * the weights ``Σ_rows (Σ_t w)·(s·CTF)²/σ²`` per accumulator row are a sparse
+      ``(u, b)`` product with ``(s·CTF)²/σ²``.
+
+    Parameters
+    ----------
+    batch
+        The E-step inputs (``b`` particles, ``p`` pixels).
+    fine
+        Fine tables (references ``(R, p)``, ``R = k·r_f``; phases ``(T, 2p)``).
+    rb, rk, ref_row
+        ``(n,)`` particle, class and reference row of each weighted row.
+    trans_weight
+        ``(n, T)`` translation weights of each row.
+    slot
+        ``(n,)`` accumulator row (of ``n_slots``) of each row.
+    n_slots
+        ``u``, the number of accumulator rows.
+    good
+        ``(k, p)`` 0/1 pixels of the scale statistics; ``None`` = all.
+    s_ctf, recon, recon_weight
+        ``(b, p)`` s·CTF, s·CTF/σ²·X_unmasked (complex) and (s·CTF)²/σ².
+    noise_pixels
+        ``(g, p)`` float64 accumulator, updated in place.
+    max_chunk_bytes
+        Bound on the per-row temporaries (chunks over rows).
+
+    Returns
+    -------
+    data_rows, weight_rows, xa, aa
+        ``(u, p)`` complex and real accumulator rows, and ``(b,)`` per-particle scale
+        terms.
+    """
+    device = recon.device
+    rdtype = s_ctf.dtype
+    b, p = recon.shape
+    n = rb.shape[0]
+    n_ref = fine.references.shape[0]
+    xm = batch.images_masked_rfft
+    og = batch.optics_group.to(device)
+    w_row = trans_weight.sum(1)  # (n,) Σ_t w
+    data_rows = torch.zeros((n_slots, p), dtype=recon.dtype, device=device)
+    q_sum = torch.zeros((b, p), dtype=recon.dtype, device=device)  # Σ_rows Q
+    q_good = q_sum if good is None else torch.zeros_like(q_sum)  # Σ_rows good·Q
+    # chunks of ~1 MiB per (c, p) complex temporary
+    step = _rows_per_chunk(p * 8 * 16, min(max_chunk_bytes, 1 << 24), n)
+    for i in range(0, n, step):
+        sl = slice(i, i + step)
+        rr = rb[sl]
+        c = rr.shape[0]
+        shift_sum = torch.view_as_complex(
+            indexing.sparse_rows_matmul(trans_weight[sl], fine.fine_phases_ri).view(
+                c, p, 2
+            )
+        )  # (c, p) S = Σ_t w·φ_t (a few of the T translations per row carry weight)
+        q = indexing.index_select(fine.references, 0, ref_row[sl]).conj_physical_()
+        q.mul_(shift_sum)  # (c, p) conj(P)·S
+        indexing.index_add_(q_sum, 0, rr, q)
+        if good is not None:
+            indexing.index_add_(q_good, 0, rr, q.mul_(good.index_select(0, rk[sl])))
+        indexing.index_add_(
+            data_rows, 0, slot[sl], indexing.index_select(recon, 0, rr).mul_(shift_sum)
+        )
+    # the rows' total weights as a (b, R) matrix: model power Σ_rows (Σ_t w)·|P|²
+    row_weights = torch.zeros((b, n_ref), dtype=rdtype, device=device)
+    row_weights[rb, ref_row] = w_row
+    ctf2 = s_ctf.square()  # (b, p)
+    power = indexing.sparse_rows_matmul(row_weights, fine.ref_power)  # (b, p)
+    model = power * ctf2
+    cross = (xm * q_sum).real * s_ctf  # (b, p) Σ_rows Re(conj(s·CTF·P)·X·S)
+    noise_pixels.index_add_(0, og, (model - 2.0 * cross).to(torch.float64))
+    if good is None:
+        xa = cross.sum(1)
+        aa = model.sum(1)
+    else:
+        k = good.shape[0]
+        good_rows = good.repeat_interleave(n_ref // k, dim=0)  # (R, p)
+        xa = ((xm * q_good).real * s_ctf).sum(1)
+        aa = (
+            indexing.sparse_rows_matmul(row_weights, fine.ref_power * good_rows) * ctf2
+        ).sum(1)
+    # weights Σ_rows (Σ_t w)·(s·CTF)²/σ² per accumulator row: a sparse (u, b) product
+    slot_weights = torch.sparse_coo_tensor(
+        torch.stack([slot, rb]), w_row, (n_slots, b), check_invariants=False
+    )  # indices in range by construction
+    weight_rows = torch.sparse.mm(slot_weights, recon_weight)  # (u, p)
+    return data_rows, weight_rows, xa, aa
+
+
 #: the sums of :class:`Class2DStatistics` a :class:`StatisticsUpdate` holds densely (all
 #: but the padded ``data`` / ``weight`` grids, which receive back-projected rows)
 _SMALL_SUMS = (
@@ -2025,7 +2142,6 @@ def statistics_update(
         b,
     )  # (n,) ×3, (n, t_f)
     n_rows = rb.shape[0]
-    w_row = wt.sum(1)  # (n,) Σ_t w
     ref_row = rk * r_f + rpsi  # (n,) row of the reference table
     # accumulator rows: distinct (half, class, ψ)
     half = batch.index.to(device)[rb] % 2
@@ -2077,49 +2193,24 @@ def statistics_update(
         keys, data_rows, weight_rows, xa_particle, aa_particle = dense
         key_class = (keys // r_f) % k
         key_psi = keys % r_f
-        scale_rows = torch.arange(b, device=device)
         xa, aa = xa_particle, aa_particle
     else:
-        data_rows = torch.zeros((u, n_cur), dtype=cdtype, device=device)
-        weight_rows = torch.zeros((u, n_cur), dtype=rdtype, device=device)
-        scale_rows = rb
-        xa = torch.empty(n_rows, dtype=rdtype, device=device)
-        aa = torch.empty(n_rows, dtype=rdtype, device=device)
-        # chunks of ~1 MiB per (c, p) complex temporary
-        step = _rows_per_chunk(n_cur * 8 * 16, min(max_chunk_bytes, 1 << 24), n_rows)
-        for i in range(0, n_rows, step):
-            sl = slice(i, i + step)
-            rr = rb[sl]
-            c = rr.shape[0]
-            shift_sum = torch.view_as_complex(
-                indexing.sparse_rows_matmul(wt[sl], fine.fine_phases_ri).view(
-                    c, n_cur, 2
-                )
-            )  # (c, p) Σ_t w·φ_t (a few of the T translations per row carry weight)
-            ref = indexing.index_select(fine.references, 0, ref_row[sl])  # (c, p) P
-            cb = s_ctf.index_select(0, rr)  # (c, p)
-            # Σ_t w·Re(conj(s·CTF·P)·X·φ_t) and Σ_t w·|s·CTF·P|² per pixel
-            z = indexing.index_select(xm, 0, rr) * shift_sum  # (c, p) X·Σ_t w·φ_t
-            cross = (ref.real * z.real + ref.imag * z.imag) * cb  # Re(conj(P)·z)·sCTF
-            mpow = (
-                fine.ref_power.index_select(0, ref_row[sl])
-                * (cb * cb)
-                * w_row[sl, None]
-            )
-            contrib = mpow - 2.0 * cross
-            if n_og == 1:
-                noise_pixels[0] += contrib.sum(0, dtype=torch.float64)
-            else:
-                noise_pixels.index_add_(0, og[rr], contrib.to(torch.float64))
-            good_rows = good.index_select(0, rk[sl])  # (c, p) the row's class
-            xa[sl] = (cross * good_rows).sum(1)
-            aa[sl] = (mpow * good_rows).sum(1)
-            indexing.index_add_(
-                data_rows, 0, slot[sl], indexing.index_select(recon, 0, rr) * shift_sum
-            )
-            weight_rows.index_add_(
-                0, slot[sl], recon_weight.index_select(0, rr) * w_row[sl, None]
-            )
+        data_rows, weight_rows, xa, aa = _pixel_terms_rows(
+            batch,
+            fine,
+            rb=rb,
+            rk=rk,
+            ref_row=ref_row,
+            trans_weight=wt,
+            slot=slot,
+            n_slots=u,
+            good=good if ssnr is not None else None,
+            s_ctf=s_ctf,
+            recon=recon,
+            recon_weight=recon_weight,
+            noise_pixels=noise_pixels,
+            max_chunk_bytes=max_chunk_bytes,
+        )
     # pose-independent Σ w·|X_masked|² once per particle
     w_particle = torch.zeros(b, dtype=torch.float64, device=device).index_add_(
         0, rows, w
@@ -2130,8 +2221,8 @@ def statistics_update(
         (n_og, n_shells), dtype=torch.float64, device=device
     ).index_add_(1, ires, noise_pixels)
     sums["noise_power"].add_(noise_shells.to(acc))
-    s64 = batch.scale.to(torch.float64)[scale_rows]
-    grp = batch.group.to(device)[scale_rows]
+    s64 = batch.scale.to(torch.float64)  # xa, aa: (b,) per particle
+    grp = batch.group.to(device)
     sums["scale_xa"].index_add_(0, grp, (xa.to(torch.float64) / s64).to(acc))
     sums["scale_aa"].index_add_(0, grp, (aa.to(torch.float64) / s64**2).to(acc))
     if mode == "vdam":
