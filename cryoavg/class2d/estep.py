@@ -1801,11 +1801,11 @@ def _pixel_terms_rows(
         aa = model.sum(1)
     else:
         k = good.shape[0]
-        good_rows = good.repeat_interleave(n_ref // k, dim=0)  # (R, p)
+        good_power = (fine.ref_power.view(k, n_ref // k, p) * good[:, None]).view(
+            n_ref, p
+        )  # (R, p) good·|P|², each row with its class's pixels
         xa = ((xm * q_good).real * s_ctf).sum(1)
-        aa = (
-            indexing.sparse_rows_matmul(row_weights, fine.ref_power * good_rows) * ctf2
-        ).sum(1)
+        aa = (indexing.sparse_rows_matmul(row_weights, good_power) * ctf2).sum(1)
     # weights Σ_rows (Σ_t w)·(s·CTF)²/σ² per accumulator row: a sparse (u, b) product
     slot_weights = torch.sparse_coo_tensor(
         torch.stack([slot, rb]), w_row, (n_slots, b), check_invariants=False
