@@ -21,10 +21,7 @@ A mini-batch of particles is aligned against all classes in two passes:
    the cross terms of all samples of one (class, coarse ψ) pair are one GEMM
    ``(rows, 2p) × (2p, 8)`` of the gathered shifted images ``Y·φ_{t_coarse}`` with the
    pair's table ``P·conj(φ_δ)``, batched over the pairs with groups padded to a few
-   sizes; the ``|P|²`` term is a GEMM over the pairs used. The un-weighted cross term
-   of the norm correction is evaluated the same way: in the same pass when the coarse
-   weights are flat (most fine samples will be kept), else afterwards for the fine
-   samples that pass the second threshold below. New minimum,
+   sizes; the ``|P|²`` term is a GEMM over the pairs used. New minimum,
    weights, their sum ``S``, a second significance threshold (no cap), all in a dense
    per-particle ``(b, significant·8)`` layout; contributing weights are normalised by
    ``S``.
@@ -50,8 +47,10 @@ measured tolerances).
 
 Weights are handled in the log domain (log-sum-exp), so a particle always keeps at
 least one significant sample, however large its ``diff2`` values are. The statistics
-sum the contributing samples per (particle, class, ψ) first:
-``Σ_t w_t·φ_t`` is a GEMM ``(rows, t) × (t, p)``, processed in cache-sized row chunks.
+sum the contributing samples per (particle, class, ψ) first: ``Σ_t w_t·φ_t`` is a
+sparse product ``(rows, t) × (t, p)`` (a row has weight on a few translations),
+processed in cache-sized row chunks. The new norm corrections come from the statistics'
+per-pixel sums (:class:`StatisticsUpdate`), not from the E-step.
 
 Units and conventions
 ---------------------
@@ -152,8 +151,9 @@ class EStepBatch:
     masked_shell_power_beyond
         ``(b, f)`` the same per shell (zero for shells ≤ current size / 2).
     norm_correction
-        Optional ``(b,)`` previous ``rlnNormCorrection`` (the new one is
-        ``old / avg_norm · sqrt(2E)``; without it ``sqrt(2E)`` is returned).
+        Optional ``(b,)`` previous ``rlnNormCorrection`` (the new one, computed with the
+        statistics (:class:`StatisticsUpdate`), is ``old / avg_norm · sqrt(2E)``;
+        without it ``sqrt(2E)``).
     """
 
     images_masked_rfft: torch.Tensor
@@ -249,8 +249,6 @@ class EStepResult:
         ``(b,)`` int64 number of significant coarse samples.
     log_likelihood
         ``(b,)`` log-likelihood contribution.
-    norm_correction
-        ``(b,)`` new norm correction.
     min_diff2
         ``(b,)`` smallest fine diff2 (incl. the pose-independent ``Σ|X|²/2σ²``).
     weight_sum
@@ -265,7 +263,6 @@ class EStepResult:
     pmax: torch.Tensor
     n_significant: torch.Tensor
     log_likelihood: torch.Tensor
-    norm_correction: torch.Tensor
     min_diff2: torch.Tensor
     weight_sum: torch.Tensor
     samples: SignificantSamples
@@ -1008,11 +1005,6 @@ def _unique_inverse(
 #: Bound on the coarse scores of one chunk of particles on a CPU (bytes).
 COARSE_CHUNK_BYTES_CPU = 1 << 25
 
-#: The fine pass also computes the norm-correction cross terms of every sample when at
-#: least this fraction of the batch reached the significance cap (flat weights, so most
-#: fine samples are kept); otherwise they are computed for the kept samples afterwards.
-NORM_IN_FINE_PASS_FRACTION = 0.5
-
 #: :meth:`StatisticsUpdate.apply_to` inserts the rows by sparse products over whole
 #: (target, ψ) tables when they fill at least this fraction of the tables (below it, the
 #: per-row scatter-adds do less work). Calibrated on CPU with
@@ -1044,7 +1036,6 @@ def _fine_cross(
     trans_coarse: torch.Tensor,
     particle_offsets: list[int],
     max_chunk_bytes: int,
-    table_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Re Σ_p conj(P)·Y·φ`` of the 8 fine samples of each coarse sample, ``n`` Y's.
 
@@ -1071,27 +1062,19 @@ def _fine_cross(
         ``(b + 1,)`` first entry of each particle (``row`` is sorted).
     max_chunk_bytes
         Bound on the shifted images held at once (chunks over particles).
-    table_scale
-        Optional ``(2p,)`` real per-pixel factor ``c`` (interleaved, as the tables), with
-        ``n = 1``: the products with the scaled tables, ``Re Σ_p conj(P)·c·Y·φ``, come
-        out too, in the same GEMMs (the tables get 8 more columns; no second gather).
 
     Returns
     -------
     torch.Tensor
-        ``(e, n, 8)`` real, last axis ``4·m + j`` (fine ψ ``m``, fine translation ``j``);
-        ``(e, 2, 8)`` with ``table_scale``, the scaled products second.
+        ``(e, n, 8)`` real, last axis ``4·m + j`` (fine ψ ``m``, fine translation ``j``).
     """
     n_w, b, p = weighted_images.shape
-    if table_scale is not None and n_w != 1:
-        raise ValueError("table_scale needs a single weighted image")
-    n_out = n_w if table_scale is None else 2  # products per gathered row
     t_c = trans_phases.shape[0]
     e = row.shape[0]
     device = row.device
     elem = weighted_images.real.element_size()
     width = n_w * 2 * p  # one gathered row: the n shifted images of a sample
-    out = weighted_images.real.new_empty((e, n_out, 8))
+    out = weighted_images.real.new_empty((e, n_w, 8))
     step = _rows_per_chunk(t_c * width * elem, max_chunk_bytes, b)
     for i0 in range(0, b, step):
         i1 = min(b, i0 + step)
@@ -1122,7 +1105,7 @@ def _fine_cross(
         class_sorted = class_of[group_of]  # (c,)
         max_rows = max(int(sizes.max()), FINE_TILE_BYTES // (width * elem))
         buffer = out.new_empty((max_rows, width))
-        res = out.new_empty((e1 - e0, n_out, 8))
+        res = out.new_empty((e1 - e0, n_w, 8))
         for j, s in enumerate(sizes.tolist()):
             members = torch.nonzero(class_of == j).squeeze(-1)  # (g_j,) groups
             g_j = members.shape[0]
@@ -1133,10 +1116,8 @@ def _fine_cross(
             index = torch.zeros(g_j * s, dtype=torch.int64, device=device)
             index[slot] = z_sorted[samples]  # padding rows read row 0
             tables = fine_q.index_select(0, groups[members])  # (g_j, 8, 2p)
-            if table_scale is not None:  # (g_j, 16, 2p): the tables, then scaled
-                tables = torch.cat([tables, tables * table_scale], 1)
             tables = tables.transpose(1, 2)
-            prod = out.new_empty((g_j, s * n_w, 8 * n_out // n_w))
+            prod = out.new_empty((g_j, s * n_w, 8))
             per_tile = max(1, max_rows // s)
             for g0 in range(0, g_j, per_tile):
                 g1 = min(g_j, g0 + per_tile)
@@ -1148,7 +1129,7 @@ def _fine_cross(
                     tables[g0:g1],
                     out=prod[g0:g1],
                 )
-            res[samples] = prod.view(-1, n_out, 8)[slot]
+            res[samples] = prod.view(-1, n_w, 8)[slot]
         out[e0:e1][perm] = res
     return out
 
@@ -1214,7 +1195,6 @@ def expectation_step(
     coarse_size: int,
     max_significant: int | None = -1,
     adaptive_fraction: float = 0.999,
-    avg_norm: float = 1.0,
     max_chunk_bytes: int = 1 << 28,
     precision: str = "fp32",
 ) -> EStepResult:
@@ -1250,8 +1230,6 @@ def expectation_step(
         (RELION's 2D VDAM value), ``None`` or ``0`` = no cap.
     adaptive_fraction
         Fraction of the weight kept by the significance thresholds (0.999).
-    avg_norm
-        Model's average norm correction (only used with ``batch.norm_correction``).
     max_chunk_bytes
         Approximate bound on temporary memory per chunk.
     precision
@@ -1271,7 +1249,6 @@ def expectation_step(
     k = projector.n_classes
     if max_significant is not None and max_significant < 0:
         max_significant = 5 * k
-    n_cur = pixel_set.n_pixels
     n_coarse = pixel_set.count_within(min(int(coarse_size), pixel_set.image_size))
     psi_f = psi_grid.fine_degrees.to(device)
     trans_c = translation_grid.coarse_px.to(device)
@@ -1376,55 +1353,27 @@ def expectation_step(
     offsets = [0, *ends.tolist()]
 
     # ---- pass 2: the 8 fine samples of each significant coarse sample
-    s_ctf = s * batch.ctf  # (b, p)
     y_lik = y.clone()
     y_lik[:, 0] = 0  # DC excluded from the likelihood
     a_lik = a.clone()
     a_lik[:, 0] = 0
     pair_e = kc * r_c + rc  # (e,)
-    y_norm = x * s_ctf  # (b, p) for the norm residual (DC included)
-    # one noise spectrum for the whole batch (one optics group): y_norm = σ²·y_lik off
-    # DC, so the norm cross terms come from the same gathered rows, with σ²-scaled
-    # tables, plus the DC term Re(conj(P_k(0))·y_norm(0)) (rotation keeps the DC)
-    sigma2 = batch.sigma2
-    one_spectrum = bool((sigma2 == sigma2[:1]).all())
-    # otherwise: flat coarse weights (most particles at the cap) keep most fine
-    # samples, so the norm cross terms are cheapest in the same pass (a second
-    # weighted image), else for the kept ones only, afterwards
-    norm_in_pass = one_spectrum or bool(
-        max_significant
-        and (n_significant >= max_significant).double().mean()
-        >= NORM_IN_FINE_PASS_FRACTION
-    )
     cross = _fine_cross(
         fine.fine_q,
-        y_lik[None]
-        if one_spectrum or not norm_in_pass
-        else torch.stack([y_lik, y_norm]),
+        y_lik[None],
         fine.trans_phases,
         row,
         pair_e,
         tc,
         offsets,
         max_chunk_bytes,
-        table_scale=sigma2[0].repeat_interleave(2) if one_spectrum else None,
-    )  # (e, 2 or 1, 8)
-    cross_norm_all = cross[:, 1] if norm_in_pass else None  # (e, 8)
-    if one_spectrum:
-        dc_ref = fine.references.view(k, -1, n_cur)[:, 0, 0]  # (k,) P_k(0)
-        dc = dc_ref[kc].conj() * y_norm[row, 0]  # (e,)
-        cross_norm_all = cross_norm_all + dc.real[:, None]
-    cross = cross[:, 0]  # (e, 8)
-    # Σ_p a·|P|² for the fine ψ of the pairs used: (2, b, 2u)
+    )[:, 0].to(torch.float64)  # (e, 8)
+    # Σ_p a·|P|² for the fine ψ of the pairs used: (b, u, 2)
     pairs_used, pair_pos = _unique_inverse(pair_e, k * r_c)  # (u,), (e,)
     ref_rows = (2 * pairs_used[:, None] + torch.arange(2, device=device)).reshape(-1)
-    power = (
-        torch.stack([a_lik, s_ctf * s_ctf]).reshape(2 * b, n_cur)
-        @ fine.ref_power.index_select(0, ref_rows).T
-    ).view(2, b, -1, 2)  # (2, b, u, 2)
-    power_e = power[:, row, pair_pos].to(torch.float64)  # (2, e, 2)
-    cross = cross.to(torch.float64)
-    d_fine = power_e[0][:, :, None] - cross.view(e, 2, 4)  # (e, 2, 4)
+    power = (a_lik @ fine.ref_power.index_select(0, ref_rows).T).view(b, -1, 2)
+    power_e = power[row, pair_pos].to(torch.float64)  # (e, 2)
+    d_fine = power_e[:, :, None] - cross.view(e, 2, 4)  # (e, 2, 4)
 
     # dense per-particle layout (b, M·8); padding has diff2 = +inf, weight 0
     n8 = 8 * m_max
@@ -1496,40 +1445,6 @@ def expectation_step(
     beyond = batch.masked_power_beyond.to(torch.float64)
     log_likelihood = log_s - (min_diff2 + 0.5 * beyond) - log_two_pi_sigma2
 
-    # norm correction: E = Σ w Σ_p |s·CTF·P − X·φ|² (incl. DC) + power beyond, over the
-    # kept fine samples (if not done in the fine pass, their coarse parents go through
-    # the fine GEMMs again)
-    x_power = (x.real**2 + x.imag**2).sum(-1).to(torch.float64)  # (b,)
-    parent = (ends - n_significant)[keep_row] + keep_idx // 8  # (n_keep,) sample
-    fine_col = keep_idx % 8
-    if cross_norm_all is None:
-        parents, parent_pos = _unique_inverse(parent, e)  # (u,) ascending, (n_keep,)
-        parent_row = row[parents]
-        cross_norm = _fine_cross(
-            fine.fine_q,
-            y_norm[None],
-            fine.trans_phases,
-            parent_row,
-            pair_e[parents],
-            tc[parents],
-            [0, *torch.cumsum(torch.bincount(parent_row, minlength=b), 0).tolist()],
-            max_chunk_bytes,
-        )[parent_pos, 0, fine_col]  # (n_keep,)
-    else:
-        cross_norm = cross_norm_all[parent, fine_col]  # (n_keep,)
-    resid_keep = (
-        power_e[1][parent, fine_col // 4]
-        + x_power[keep_row]
-        - 2.0 * cross_norm.to(torch.float64)
-    )  # (n_keep,)
-    resid = torch.zeros(b, dtype=torch.float64, device=device).index_add_(
-        0, keep_row, w_keep * resid_keep
-    )
-    resid = resid.clamp(min=0.0)
-    norm_corr = torch.sqrt(2.0 * (resid + beyond))
-    if batch.norm_correction is not None:
-        norm_corr = norm_corr * batch.norm_correction.to(torch.float64) / avg_norm
-
     return EStepResult(
         best_class=best_class,
         best_psi_degrees=psi_f[best_psi].to(rdtype),
@@ -1537,7 +1452,6 @@ def expectation_step(
         pmax=w_sorted[:, 0].to(rdtype),
         n_significant=n_significant,
         log_likelihood=log_likelihood,
-        norm_correction=norm_corr.to(rdtype),
         min_diff2=min_diff2,
         weight_sum=w_keep.new_zeros(b).index_add_(0, keep_row, w_keep),
         samples=samples,
@@ -1614,9 +1528,11 @@ def _pixel_terms_dense(
 
     Returns
     -------
-    keys, data_rows, weight_rows, xa, aa
+    keys, data_rows, weight_rows, xa, aa, residual
         ``(u,)`` accumulator keys ``half·R + row`` with weight, ``(u, p)`` complex
-        and real row sums, and ``(b,)`` per-particle scale terms.
+        and real row sums, ``(b,)`` per-particle scale terms, and ``(b,)`` float64
+        ``Σ_p Σ_{R,t} W·(|s·CTF·P_R|² − 2·Re(conj(s·CTF·P_R)·X·φ_t))`` (the
+        pose-dependent part of the norm correction's residual).
     """
     device = recon.device
     rdtype = s_ctf.dtype
@@ -1631,6 +1547,8 @@ def _pixel_terms_dense(
         n_ref, 2 * p
     )  # interleaved good·(Re P, Im P): Re(good·conj(P)·Y) = g_ri · y_ri
     gp = fine.ref_power * good_rows  # (R, p)
+    # scale (good pixels) and residual (all pixels) cross terms in one GEMM
+    corr_refs = torch.cat([g_ri, refs_ri])  # (2R, 2p)
     half = (batch.index.to(device) % 2).to(torch.int64)  # (b,)
     og = batch.optics_group.to(device)
     xc = s_ctf * batch.images_masked_rfft  # (b, p) s·CTF·X_masked
@@ -1639,6 +1557,7 @@ def _pixel_terms_dense(
     row_weight = torch.zeros((2, n_ref), dtype=torch.float64, device=device)
     xa = torch.zeros(b, dtype=rdtype, device=device)
     aa = torch.zeros(b, dtype=rdtype, device=device)
+    residual = torch.zeros(b, dtype=torch.float64, device=device)
     per_particle = 4 * (n_ref * n_t * 3 + n_t * p * 2 * 3)
     step = max(1, min(b, max_chunk_bytes // max(1, per_particle)))
     for b0 in range(0, b, step):
@@ -1686,15 +1605,19 @@ def _pixel_terms_dense(
                 0, dtype=torch.float64
             ) - 2.0 * cross.to(torch.float64)
         # scale: xa_b = Σ_{R,t} W·Re(good·conj(P)·Y), aa_b = Σ_R w_row·(good·|P|² @ ctf²)
-        corr = (g_ri @ y_masked.T).view(n_ref, c, n_t)  # (R, c, T)
-        xa[b0:b1] = (w * corr.permute(1, 0, 2)).sum((1, 2))
+        corr = (corr_refs @ y_masked.T).view(2, n_ref, c, n_t)  # (2, R, c, T)
+        wc = w.permute(1, 0, 2)  # (R, c, T)
+        xa[b0:b1] = (wc * corr[0]).sum((0, 2))
         aa[b0:b1] = (w_row * (ctf2 @ gp.T)).sum(1)
+        residual[b0:b1] = model_power.sum(1, dtype=torch.float64) - 2.0 * (
+            wc * corr[1]
+        ).sum((0, 2), dtype=torch.float64)
     keys = torch.nonzero(row_weight.reshape(-1) > 0).squeeze(-1)  # (u,) half·R + row
     data_rows = torch.view_as_complex(
         data.view(2 * n_ref, p, 2).index_select(0, keys).contiguous()
     )
     weight_rows = weight.view(2 * n_ref, p).index_select(0, keys)
-    return keys, data_rows, weight_rows, xa, aa
+    return keys, data_rows, weight_rows, xa, aa, residual
 
 
 def _pixel_terms_rows(
@@ -1754,9 +1677,10 @@ def _pixel_terms_rows(
 
     Returns
     -------
-    data_rows, weight_rows, xa, aa
-        ``(u, p)`` complex and real accumulator rows, and ``(b,)`` per-particle scale
-        terms.
+    data_rows, weight_rows, xa, aa, residual
+        ``(u, p)`` complex and real accumulator rows, ``(b,)`` per-particle scale terms,
+        and ``(b,)`` float64 ``Σ_p Σ_rows (|s·CTF·P|²·Σ_t w − 2·Re(conj(s·CTF·P)·X·S))``
+        (the pose-dependent part of the norm correction's residual).
     """
     device = recon.device
     rdtype = s_ctf.dtype
@@ -1795,7 +1719,9 @@ def _pixel_terms_rows(
     power = indexing.sparse_rows_matmul(row_weights, fine.ref_power)  # (b, p)
     model = power * ctf2
     cross = (xm * q_sum).real * s_ctf  # (b, p) Σ_rows Re(conj(s·CTF·P)·X·S)
-    noise_pixels.index_add_(0, og, (model - 2.0 * cross).to(torch.float64))
+    per_pixel = (model - 2.0 * cross).to(torch.float64)  # (b, p)
+    noise_pixels.index_add_(0, og, per_pixel)
+    residual = per_pixel.sum(1)  # (b,)
     if good is None:
         xa = cross.sum(1)
         aa = model.sum(1)
@@ -1811,7 +1737,7 @@ def _pixel_terms_rows(
         torch.stack([slot, rb]), w_row, (n_slots, b), check_invariants=False
     )  # indices in range by construction
     weight_rows = torch.sparse.mm(slot_weights, recon_weight)  # (u, p)
-    return data_rows, weight_rows, xa, aa
+    return data_rows, weight_rows, xa, aa, residual
 
 
 #: the sums of :class:`Class2DStatistics` a :class:`StatisticsUpdate` holds densely (all
@@ -1859,6 +1785,12 @@ class StatisticsUpdate:
         ``(r_f,)`` the fine ψ table.
     pixel_set
         Pixels of the rows.
+    norm_correction
+        ``(b,)`` float64 new norm correction of each particle (RELION computes it with
+        the weighted sums too): ``sqrt(2E)``, times ``old / avg_norm`` when the batch
+        has an old one, with ``E`` the weighted residual power
+        ``Σ w·Σ_p |s·CTF·P − X·φ|²`` (DC included) plus the masked power beyond the
+        current size. ``sums["norm_sum"]`` holds its sum.
     applied_rows
         Rows back-projected so far.
     sums_applied
@@ -1872,6 +1804,7 @@ class StatisticsUpdate:
     psi_index: torch.Tensor
     psi_degrees: torch.Tensor
     pixel_set: PixelSet
+    norm_correction: torch.Tensor
     applied_rows: int = 0
     sums_applied: bool = False
 
@@ -1988,6 +1921,7 @@ def accumulate_statistics(
     class_offset_prior_angstrom: torch.Tensor,
     pixel_size: float,
     ssnr: torch.Tensor | None = None,
+    avg_norm: float = 1.0,
     max_chunk_bytes: int = 1 << 28,
     dense_threshold: float | None = DENSE_STATISTICS_THRESHOLD,
 ) -> Class2DStatistics:
@@ -2013,6 +1947,7 @@ def accumulate_statistics(
         class_offset_prior_angstrom=class_offset_prior_angstrom,
         pixel_size=pixel_size,
         ssnr=ssnr,
+        avg_norm=avg_norm,
         max_chunk_bytes=max_chunk_bytes,
         dense_threshold=dense_threshold,
     )
@@ -2032,6 +1967,7 @@ def statistics_update(
     class_offset_prior_angstrom: torch.Tensor,
     pixel_size: float,
     ssnr: torch.Tensor | None = None,
+    avg_norm: float = 1.0,
     max_chunk_bytes: int = 1 << 28,
     dense_threshold: float | None = DENSE_STATISTICS_THRESHOLD,
 ) -> StatisticsUpdate:
@@ -2049,7 +1985,9 @@ def statistics_update(
       ``noise_weight += w``;
     * scale ``XA += w·Re(conj(CTF·P)·X)/…`` and ``AA += w·|CTF·P|²`` (divided by ``s``
       resp. ``s²`` as RELION), over pixels whose shell has ``SSNR_k > 3``;
-    * class weights, offsets ``w·o_abs`` (Å), ``w·|μ_k − o_abs|²`` (Å²), norm, LL, Pmax.
+    * class weights, offsets ``w·o_abs`` (Å), ``w·|μ_k − o_abs|²`` (Å²), LL, Pmax;
+    * each particle's new norm correction from the same per-pixel sums
+      (:attr:`StatisticsUpdate.norm_correction`), and their sum.
 
     Per (particle, class, ψ) group the translations are summed first
     (``Σ_t w_t·φ_t``, a GEMM); the pose-independent parts (``Σ w·|X|²``,
@@ -2075,6 +2013,8 @@ def statistics_update(
     ssnr
         ``(k, f)`` SSNR per class and shell for the scale statistics; ``None`` = use all
         pixels.
+    avg_norm
+        Model's average norm correction (only used with ``batch.norm_correction``).
     max_chunk_bytes
         Approximate bound on temporary memory per chunk.
     dense_threshold
@@ -2122,7 +2062,6 @@ def statistics_update(
     sums["weight_sum"].add_(w.sum().to(acc))
     sums["log_likelihood"].add_(result.log_likelihood.to(torch.float64).sum().to(acc))
     sums["pmax_sum"].add_(result.pmax.to(torch.float64).sum().to(acc))
-    sums["norm_sum"].add_(result.norm_correction.to(torch.float64).sum().to(acc))
     sums["n_particles"].add_(float(b))
     og = batch.optics_group.to(device)
     sums["noise_weight"].index_add_(0, og[rows], w.to(acc))
@@ -2190,12 +2129,11 @@ def statistics_update(
             noise_pixels=noise_pixels,
             max_chunk_bytes=max_chunk_bytes,
         )
-        keys, data_rows, weight_rows, xa_particle, aa_particle = dense
+        keys, data_rows, weight_rows, xa, aa, residual = dense
         key_class = (keys // r_f) % k
         key_psi = keys % r_f
-        xa, aa = xa_particle, aa_particle
     else:
-        data_rows, weight_rows, xa, aa = _pixel_terms_rows(
+        data_rows, weight_rows, xa, aa, residual = _pixel_terms_rows(
             batch,
             fine,
             rb=rb,
@@ -2217,6 +2155,16 @@ def statistics_update(
     )
     x_power = (xm.real**2 + xm.imag**2).to(torch.float64) * w_particle[:, None]
     noise_pixels.index_add_(0, og, x_power)
+    # norm correction sqrt(2E), E = Σ w·Σ_p |s·CTF·P − X·φ|² (incl. DC) + power beyond
+    residual = (residual + x_power.sum(1)).clamp(min=0.0)
+    norm_correction = torch.sqrt(
+        2.0 * (residual + batch.masked_power_beyond.to(torch.float64))
+    )
+    if batch.norm_correction is not None:
+        norm_correction = (
+            norm_correction * batch.norm_correction.to(torch.float64) / avg_norm
+        )
+    sums["norm_sum"].add_(norm_correction.sum().to(acc))
     noise_shells = torch.zeros(
         (n_og, n_shells), dtype=torch.float64, device=device
     ).index_add_(1, ires, noise_pixels)
@@ -2247,4 +2195,5 @@ def statistics_update(
         psi_index=key_psi,
         psi_degrees=psi_f,
         pixel_set=pixel_set,
+        norm_correction=norm_correction,
     )

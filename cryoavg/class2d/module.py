@@ -667,7 +667,7 @@ class Class2DModule(lightning.LightningModule):
             check_particle_values(
                 {
                     "log-likelihood": result.log_likelihood,
-                    "norm correction": result.norm_correction,
+                    "norm correction": update.norm_correction,
                     "offset": result.best_offset_px,
                 },
                 rows,
@@ -675,7 +675,7 @@ class Class2DModule(lightning.LightningModule):
                 iteration=self.iteration,
             )
             self._retrying(functools.partial(self._apply_update, update))
-            self._record(rows, result)
+            self._record(rows, result, update.norm_correction)
             start += count
 
     def _score_pass(self, prepared: EStepBatch, start: int) -> tuple:
@@ -706,7 +706,6 @@ class Class2DModule(lightning.LightningModule):
             coarse_size=self.coarse_size,
             max_significant=settings.effective_max_significant or -1,
             adaptive_fraction=settings.adaptive_fraction,
-            avg_norm=float(state.avg_norm),
             max_chunk_bytes=budget,
             precision=self.estep_precision,
         )
@@ -722,6 +721,7 @@ class Class2DModule(lightning.LightningModule):
             class_offset_prior_angstrom=state.class_offset_prior_angstrom,
             pixel_size=self.data_info.pixel_size_angstrom,
             ssnr=state.ssnr,
+            avg_norm=float(state.avg_norm),
             max_chunk_bytes=budget,
         )
         return count, result, update
@@ -731,15 +731,17 @@ class Class2DModule(lightning.LightningModule):
             self._stats, self.projector, max_chunk_bytes=self.estep_memory_bytes
         )
 
-    def _record(self, index: torch.Tensor, result) -> None:
-        """Store the per-particle results of particles ``index``."""
+    def _record(
+        self, index: torch.Tensor, result, norm_correction: torch.Tensor
+    ) -> None:
+        """Store the per-particle results (and new norm corrections) of ``index``."""
         position = self._position[index.cpu()]
         values = {
             "class_index": result.best_class,
             "psi_degrees": result.best_psi_degrees,
             "offset_y_px": result.best_offset_px[:, 0],
             "offset_x_px": result.best_offset_px[:, 1],
-            "norm_correction": result.norm_correction,
+            "norm_correction": norm_correction,
             "log_likelihood": result.log_likelihood,
             "pmax": result.pmax,
             "n_significant": result.n_significant,

@@ -9,6 +9,7 @@ from cryoavg.class2d.estep import (
     expectation_step,
     phase_shifts,
     squared_differences,
+    statistics_update,
 )
 from cryoavg.class2d.projector import ClassProjector
 from cryoavg.class2d.sampling import PixelSet, PsiGrid, TranslationGrid
@@ -386,7 +387,7 @@ def test_accumulate_single_particle_by_hand(grids, mode):
     ssnr = torch.full((K, f), 10.0, dtype=torch.float64)
     ssnr[k_true, 5:] = 1.0  # shells ≥ 5 excluded from the scale sums
     st = Class2DStatistics.zeros(K, N, dtype=torch.float64)
-    accumulate_statistics(
+    update = statistics_update(
         batch,
         res,
         proj,
@@ -399,6 +400,7 @@ def test_accumulate_single_particle_by_hand(grids, mode):
         pixel_size=1.5,
         ssnr=ssnr,
     )
+    update.apply_to(st, proj)
 
     # by hand
     model = s * ctf * ref
@@ -428,11 +430,11 @@ def test_accumulate_single_particle_by_hand(grids, mode):
     assert float(st.pmax_sum) == pytest.approx(w)
     assert float(st.n_particles) == 1.0
     # norm correction: sqrt(2·(Σ w·|resid|² + power beyond))
-    assert float(res.norm_correction[0]) == pytest.approx(
+    assert float(update.norm_correction[0]) == pytest.approx(
         math.sqrt(2 * (w * float(resid2.sum()) + float(batch.masked_power_beyond[0]))),
         rel=1e-9,
     )
-    assert float(st.norm_sum) == pytest.approx(float(res.norm_correction[0]))
+    assert float(st.norm_sum) == pytest.approx(float(update.norm_correction[0]))
     # reconstruction: into half 1 only, at ψ_fine, with the projector adjoint
     xu = batch.images_unmasked_rfft[0] * phase
     if mode == "vdam":
@@ -536,7 +538,9 @@ def test_accumulate_many_particles_consistent(synthetic, grids):
 # the optimised E-step and statistics against a dense brute-force reference
 
 
-def _naive_estep_and_statistics(batch, proj, psi, trans, ps, *, opts, ssnr, mode):
+def _naive_estep_and_statistics(
+    batch, proj, psi, trans, ps, *, opts, ssnr, mode, avg_norm
+):
     """Dense float64 reference of §A.6.4–§A.6.6: every diff2 by direct summation."""
     x, xu = batch.images_masked_rfft, batch.images_unmasked_rfft
     b, p = x.shape
@@ -645,7 +649,7 @@ def _naive_estep_and_statistics(batch, proj, psi, trans, ps, *, opts, ssnr, mode
             data[h, kc, rf] += wq * s_ctf[i] / sigma2[i] * xs
             weight[h, kc, rf] += wq * s_ctf[i] ** 2 / sigma2[i]
         out["norm"].append(
-            math.sqrt(2 * energy) * float(batch.norm_correction[i]) / opts["avg_norm"]
+            math.sqrt(2 * energy) * float(batch.norm_correction[i]) / avg_norm
         )
     big = proj.padded_size
     data_grid = torch.zeros(2, k, big, big // 2 + 1, dtype=torch.complex128)
@@ -671,17 +675,8 @@ def _naive_estep_and_statistics(batch, proj, psi, trans, ps, *, opts, ssnr, mode
 
 @pytest.mark.parametrize("mode", ["vdam", "em"])
 @pytest.mark.parametrize("dense_threshold", [None, 0.0])
-@pytest.mark.parametrize("norm_path", ["one_spectrum", "in_pass", "after"])
-def test_optimised_estep_matches_dense_reference(
-    mode, dense_threshold, norm_path, monkeypatch
-):
-    import cryoavg.class2d.estep as estep
-
-    # the norm cross terms: with one noise spectrum, from σ²-scaled fine tables; with
-    # two, from a second weighted image in the fine pass (fraction 0.0) or afterwards
-    # for the kept samples only (2.0)
-    fraction = {"one_spectrum": 2.0, "in_pass": 0.0, "after": 2.0}[norm_path]
-    monkeypatch.setattr(estep, "NORM_IN_FINE_PASS_FRACTION", fraction)
+@pytest.mark.parametrize("n_spectra", [1, 2])
+def test_optimised_estep_matches_dense_reference(mode, dense_threshold, n_spectra):
     n = 24
     psi = PsiGrid.build(6.0, perturbation=0.3)
     trans = TranslationGrid.build(3.0, 1.0, perturbation=-0.2)
@@ -713,7 +708,7 @@ def test_optimised_estep_matches_dense_reference(
     )
     x = (clean + noise) * shift.conj()
     optics_group = torch.arange(b) % 2
-    if norm_path != "one_spectrum":  # a noise spectrum per optics group
+    if n_spectra == 2:  # a noise spectrum per optics group
         sigma2 = sigma2 * (1.0 + 0.2 * optics_group.double())[:, None]
     batch = make_batch(x, ps, sigma2=1.0, ctf=ctf, scale=scale)
     batch.sigma2 = sigma2
@@ -739,12 +734,12 @@ def test_optimised_estep_matches_dense_reference(
         "sigma2_offset_angstrom2": 9.0,
         "pixel_size": 1.2,
         "coarse_size": 12,
-        "avg_norm": 1.05,
     }
+    avg_norm = 1.05
     ssnr = torch.full((K, f), 10.0, dtype=torch.float64)
     ssnr[1, 6:] = 1.0
     ref, ref_stats = _naive_estep_and_statistics(
-        batch, proj, psi, trans, ps, opts=opts, ssnr=ssnr, mode=mode
+        batch, proj, psi, trans, ps, opts=opts, ssnr=ssnr, mode=mode, avg_norm=avg_norm
     )
     res = expectation_step(batch, proj, psi, trans, ps, **opts)
     sm = res.samples
@@ -790,11 +785,8 @@ def test_optimised_estep_matches_dense_reference(
     torch.testing.assert_close(res.pmax, torch.tensor(ref["pmax"], dtype=d64))
     torch.testing.assert_close(res.min_diff2, torch.tensor(ref["min"], dtype=d64))
     torch.testing.assert_close(res.log_likelihood, torch.tensor(ref["ll"], dtype=d64))
-    torch.testing.assert_close(
-        res.norm_correction, torch.tensor(ref["norm"], dtype=d64)
-    )
     st = Class2DStatistics.zeros(K, n, n_optics_groups=2, n_groups=2, dtype=d64)
-    accumulate_statistics(
+    update = statistics_update(
         batch,
         res,
         proj,
@@ -806,8 +798,17 @@ def test_optimised_estep_matches_dense_reference(
         class_offset_prior_angstrom=opts["class_offset_prior_angstrom"],
         pixel_size=opts["pixel_size"],
         ssnr=ssnr,
+        avg_norm=avg_norm,
         max_chunk_bytes=50_000,  # several chunks everywhere
         dense_threshold=dense_threshold,  # per-row sums, or dense GEMMs
+    )
+    update.apply_to(st, proj, max_chunk_bytes=50_000)
+    # the new norm corrections come with the statistics (from the same pixel sums)
+    torch.testing.assert_close(
+        update.norm_correction, torch.tensor(ref["norm"], dtype=d64)
+    )
+    torch.testing.assert_close(
+        st.norm_sum, torch.tensor(ref["norm"], dtype=d64).sum().to(st.norm_sum.dtype)
     )
     torch.testing.assert_close(st.noise_power, ref_stats["noise"])
     torch.testing.assert_close(st.scale_xa, ref_stats["xa"])
@@ -870,18 +871,6 @@ def test_fine_cross_matches_per_sample_products(monkeypatch, tile_bytes):
             fine_q, images, phases, row, pair, tc, offsets, chunk_bytes
         )
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
-    # with a per-pixel table scale: one image, the plain and the scaled products
-    scale = torch.rand(2 * p, generator=gen) + 0.5
-    got = estep._fine_cross(
-        fine_q, images[:1], phases, row, pair, tc, offsets, 1 << 30, table_scale=scale
-    )
-    torch.testing.assert_close(got[:, 0], expected[:, 0], rtol=1e-5, atol=1e-4)
-    scaled = torch.einsum("ep,ejp->ej", z[0] * scale, fine_q[pair])
-    torch.testing.assert_close(got[:, 1], scaled, rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="single weighted image"):
-        estep._fine_cross(
-            fine_q, images, phases, row, pair, tc, offsets, 1 << 30, table_scale=scale
-        )
 
 
 @pytest.mark.parametrize("with_margin", [False, True])

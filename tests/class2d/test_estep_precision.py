@@ -235,7 +235,7 @@ def test_fp32_is_the_default_and_unchanged(synthetic, grids):
     batch = _single(syn.batch)
     default = _run(batch, syn.classes, grids)
     fp32 = _run(batch, syn.classes, grids, "fp32")
-    for name in ("log_likelihood", "pmax", "best_offset_px", "norm_correction"):
+    for name in ("log_likelihood", "pmax", "best_offset_px", "min_diff2"):
         assert torch.equal(getattr(default, name), getattr(fp32, name)), name
     assert torch.equal(default.samples.weight, fp32.samples.weight)
 
