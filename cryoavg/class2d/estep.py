@@ -1491,7 +1491,9 @@ def _pixel_terms_dense(
     n_psi: int,
     noise_pixels: torch.Tensor,
     max_chunk_bytes: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     """Per-pixel statistics of :func:`accumulate_statistics` as dense GEMMs.
 
     With ``R = k·r_f`` reference rows, ``T`` fine translations and the weights
@@ -1636,7 +1638,7 @@ def _pixel_terms_rows(
     recon_weight: torch.Tensor,
     noise_pixels: torch.Tensor,
     max_chunk_bytes: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pixel statistics of :func:`accumulate_statistics` per weighted row.
 
     For each weighted (particle, class, ψ) row with translation weights ``w_t`` the
