@@ -1037,11 +1037,11 @@ def _fine_cross(
     particle_offsets: list[int],
     max_chunk_bytes: int,
 ) -> torch.Tensor:
-    """``Re Σ_p conj(P)·Y·φ`` of the 8 fine samples of each coarse sample, ``n`` Y's.
+    """``Re Σ_p conj(P)·Y·φ`` of the 8 fine samples of each coarse sample.
 
     Uses ``φ_{t_f} = φ_{t_c}·φ_δ``: the samples of one (class, coarse ψ) pair ``u``
     share the pair's table ``fine_q[u]`` (see :class:`_FineTables`), so a group of
-    ``c`` samples is one ``(c·n, 2p) × (2p, 8)`` product of their shifted images
+    ``c`` samples is one ``(c, 2p) × (2p, 8)`` product of their shifted images
     ``Y·φ_{t_c}`` with the table. The groups are padded to size classes
     (:func:`_size_classes`; padding rows are computed and dropped) and all groups of
     one class go through batched GEMMs (``torch.bmm``) whose gathered operand is at
@@ -1053,7 +1053,7 @@ def _fine_cross(
     fine_q
         ``(k·r_c, 8, 2p)`` real.
     weighted_images
-        ``(n, b, p)`` complex.
+        ``(b, p)`` complex ``Y``.
     trans_phases
         ``(t_c, p)`` complex.
     row, pair, trans_coarse
@@ -1066,15 +1066,15 @@ def _fine_cross(
     Returns
     -------
     torch.Tensor
-        ``(e, n, 8)`` real, last axis ``4·m + j`` (fine ψ ``m``, fine translation ``j``).
+        ``(e, 8)`` real, column ``4·m + j`` (fine ψ ``m``, fine translation ``j``).
     """
-    n_w, b, p = weighted_images.shape
+    b, p = weighted_images.shape
     t_c = trans_phases.shape[0]
     e = row.shape[0]
     device = row.device
     elem = weighted_images.real.element_size()
-    width = n_w * 2 * p  # one gathered row: the n shifted images of a sample
-    out = weighted_images.real.new_empty((e, n_w, 8))
+    width = 2 * p  # one gathered row: the shifted image of a sample, interleaved
+    out = weighted_images.real.new_empty((e, 8))
     step = _rows_per_chunk(t_c * width * elem, max_chunk_bytes, b)
     for i0 in range(0, b, step):
         i1 = min(b, i0 + step)
@@ -1084,9 +1084,9 @@ def _fine_cross(
         # the distinct shifted images (particle, coarse translation) of the chunk
         zkey = (row[e0:e1] - i0) * t_c + trans_coarse[e0:e1]
         used, zpos = _unique_inverse(zkey, (i1 - i0) * t_c)  # (v,), (c,)
-        z = indexing.index_select(weighted_images, 1, i0 + used // t_c)  # (n, v, p)
+        z = indexing.index_select(weighted_images, 0, i0 + used // t_c)  # (v, p)
         z.mul_(indexing.index_select(trans_phases, 0, used % t_c))
-        z_rows = torch.view_as_real(z.transpose(0, 1).contiguous()).view(-1, width)
+        z_rows = torch.view_as_real(z).view(-1, width)  # (v, 2p)
         # groups: samples sorted by pair; (g,) groups with their padded sizes
         pr = pair[e0:e1]
         perm = torch.argsort(pr, stable=True)
@@ -1105,7 +1105,7 @@ def _fine_cross(
         class_sorted = class_of[group_of]  # (c,)
         max_rows = max(int(sizes.max()), FINE_TILE_BYTES // (width * elem))
         buffer = out.new_empty((max_rows, width))
-        res = out.new_empty((e1 - e0, n_w, 8))
+        res = out.new_empty((e1 - e0, 8))
         for j, s in enumerate(sizes.tolist()):
             members = torch.nonzero(class_of == j).squeeze(-1)  # (g_j,) groups
             g_j = members.shape[0]
@@ -1117,7 +1117,7 @@ def _fine_cross(
             index[slot] = z_sorted[samples]  # padding rows read row 0
             tables = fine_q.index_select(0, groups[members])  # (g_j, 8, 2p)
             tables = tables.transpose(1, 2)
-            prod = out.new_empty((g_j, s * n_w, 8))
+            prod = out.new_empty((g_j, s, 8))
             per_tile = max(1, max_rows // s)
             for g0 in range(0, g_j, per_tile):
                 g1 = min(g_j, g0 + per_tile)
@@ -1125,11 +1125,11 @@ def _fine_cross(
                     z_rows, 0, index[g0 * s : g1 * s], out=buffer[: (g1 - g0) * s]
                 )
                 torch.bmm(
-                    rows.view(g1 - g0, s * n_w, 2 * p),
+                    rows.view(g1 - g0, s, 2 * p),
                     tables[g0:g1],
                     out=prod[g0:g1],
                 )
-            res[samples] = prod.view(-1, n_w, 8)[slot]
+            res[samples] = prod.view(-1, 8)[slot]
         out[e0:e1][perm] = res
     return out
 
@@ -1360,14 +1360,14 @@ def expectation_step(
     pair_e = kc * r_c + rc  # (e,)
     cross = _fine_cross(
         fine.fine_q,
-        y_lik[None],
+        y_lik,
         fine.trans_phases,
         row,
         pair_e,
         tc,
         offsets,
         max_chunk_bytes,
-    )[:, 0].to(torch.float64)  # (e, 8)
+    ).to(torch.float64)  # (e, 8)
     # Σ_p a·|P|² for the fine ψ of the pairs used: (b, u, 2)
     pairs_used, pair_pos = _unique_inverse(pair_e, k * r_c)  # (u,), (e,)
     ref_rows = (2 * pairs_used[:, None] + torch.arange(2, device=device)).reshape(-1)

@@ -841,10 +841,10 @@ def test_fine_cross_matches_per_sample_products(monkeypatch, tile_bytes):
 
     monkeypatch.setattr(estep, "FINE_TILE_BYTES", tile_bytes)
     gen = torch.Generator().manual_seed(5)
-    n_w, b, p, t_c, n_pairs = 2, 9, 40, 5, 12
+    b, p, t_c, n_pairs = 9, 40, 5, 12
     fine_q = torch.randn(n_pairs, 8, 2 * p, generator=gen)
     images = torch.complex(
-        torch.randn(n_w, b, p, generator=gen), torch.randn(n_w, b, p, generator=gen)
+        torch.randn(b, p, generator=gen), torch.randn(b, p, generator=gen)
     )
     phases = torch.exp(1j * torch.rand(t_c, p, generator=gen) * 6.28).to(
         torch.complex64
@@ -863,10 +863,10 @@ def test_fine_cross_matches_per_sample_products(monkeypatch, tile_bytes):
             trans.append(int(torch.randint(0, t_c, (1,), generator=gen)))
     row, pair, tc = (torch.tensor(v) for v in (rows, pairs, trans))
     offsets = [0, *torch.cumsum(torch.bincount(row, minlength=b), 0).tolist()]
-    shifted = images[:, row] * phases[tc]  # (n, e, p)
-    z = torch.view_as_real(shifted).reshape(n_w, -1, 2 * p)  # (n, e, 2p)
-    expected = torch.einsum("nep,ejp->enj", z, fine_q[pair])
-    for chunk_bytes in (1 << 30, 3 * t_c * n_w * 2 * p * 4):  # one chunk, 3 particles
+    shifted = images[row] * phases[tc]  # (e, p)
+    z = torch.view_as_real(shifted).reshape(-1, 2 * p)  # (e, 2p)
+    expected = torch.einsum("ep,ejp->ej", z, fine_q[pair])
+    for chunk_bytes in (1 << 30, 3 * t_c * 2 * p * 4):  # one chunk, 3 particles
         got = estep._fine_cross(
             fine_q, images, phases, row, pair, tc, offsets, chunk_bytes
         )
