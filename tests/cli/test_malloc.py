@@ -14,22 +14,24 @@ glibc_only = pytest.mark.skipif(
     reason="glibc's allocator only",
 )
 
-#: allocates and frees a 64 MiB tensor, prints the minor page faults of the last 10 times
-#: (glibc reuses the freed memory once the heap has grown into its settled size)
+#: allocates and frees a 64 MiB tensor 20 times, prints the median of the minor page
+#: faults each time took (glibc reuses the freed memory once the heap has grown into its
+#: settled size; the median ignores the odd time the heap grows once more)
 FAULTS = textwrap.dedent(
     """
-    import os, resource, sys
+    import os, resource, statistics
     from cryoavg.cli._malloc import keep_freed_memory
     applied = keep_freed_memory()
     import torch
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):  # 64 MiB: the heap grows to its settled size
+    each = []
+    for _ in range(20):  # 64 MiB a time
+        before = faults()
         torch.ones(1 << 24).sum()
-    before = faults()
-    for _ in range(10):
-        torch.ones(1 << 24).sum()
-    print(applied, faults() - before, os.environ.get("GLIBC_TUNABLES", ""))
+        each.append(faults() - before)
+    median = int(statistics.median(each))
+    print(applied, median, os.environ.get("GLIBC_TUNABLES", ""))
     """
 )
 
@@ -58,8 +60,8 @@ def test_large_tensors_reuse_memory_without_page_faults() -> None:
     assert applied
     assert not not_applied
     assert exported == GLIBC_TUNABLES  # child processes (DDP ranks) get the same
-    # 10 × 64 MiB freshly mapped = about 160k faults of 4 KiB pages by default
-    assert faults_default > 50_000
+    # 64 MiB freshly mapped = about 16k faults of 4 KiB pages by default
+    assert faults_default > 5_000
     assert faults_tuned < faults_default / 20
 
 
@@ -67,7 +69,7 @@ def test_large_tensors_reuse_memory_without_page_faults() -> None:
 def test_children_read_the_exported_tunables() -> None:
     applied, faults_child, _ = _faults(GLIBC_TUNABLES=GLIBC_TUNABLES)
     assert not applied  # the environment's own setting is left as it is ...
-    assert faults_child < 10_000  # ... and glibc applies it at the child's start
+    assert faults_child < 1_000  # ... and glibc applies it at the child's start
 
 
 @pytest.mark.parametrize(
