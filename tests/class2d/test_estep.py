@@ -834,12 +834,20 @@ def test_size_classes_pad_by_at_most_an_eighth():
     assert len(torch.unique(padded)) < 120  # few size classes, few batched GEMMs
 
 
+@pytest.mark.parametrize("transposed_from", [1, 12, 10**9])
 @pytest.mark.parametrize("tile_bytes", [1 << 21, 1 << 12])
-def test_fine_cross_matches_per_sample_products(monkeypatch, tile_bytes):
-    """Batched, padded fine-pass GEMMs give each sample's own 8 cross terms."""
+def test_fine_cross_matches_per_sample_products(
+    monkeypatch, tile_bytes, transposed_from
+):
+    """Batched, padded fine-pass GEMMs give each sample's own 8 cross terms.
+
+    Both orientations of the batched products (all groups one way, all the other way,
+    and the default split by group size).
+    """
     import cryoavg.class2d.estep as estep
 
     monkeypatch.setattr(estep, "FINE_TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(estep, "FINE_TRANSPOSED_FROM", transposed_from)
     gen = torch.Generator().manual_seed(5)
     b, p, t_c, n_pairs = 9, 40, 5, 12
     fine_q = torch.randn(n_pairs, 8, 2 * p, generator=gen)
@@ -871,6 +879,50 @@ def test_fine_cross_matches_per_sample_products(monkeypatch, tile_bytes):
             fine_q, images, phases, row, pair, tc, offsets, chunk_bytes
         )
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_top_samples_through_group_maxima_match_a_full_topk(with_rows):
+    """The top-q through the q best groups are the row's top-q (values and indices)."""
+    from cryoavg.class2d.estep import _top_samples
+
+    gen = torch.Generator().manual_seed(3)
+    b, t, u = 12, 7, 50
+    # distinct values (no ties); rows from peaked to flat; one row with dropped samples
+    spread = torch.logspace(-1, 3, b, dtype=torch.float64)[:, None, None]
+    log_w = (-spread * torch.rand(b, t, u, generator=gen, dtype=torch.float64)).float()
+    log_w[4, :, 10:] = -math.inf
+    rows = torch.tensor([0, 4, 5, 11]) if with_rows else torch.arange(b)
+    for q in (1, 5, 16, 60, t * u):
+        top, index = _top_samples(log_w, log_w.amax(1), q, rows if with_rows else None)
+        flat = log_w.reshape(b, t * u)[rows]
+        want_top, want_index = torch.topk(flat, q, dim=1)
+        assert torch.equal(top, want_top)
+        finite = want_top > -math.inf  # the order of −inf ties is arbitrary
+        assert torch.equal(index[finite], want_index[finite])
+        assert torch.equal(flat.gather(1, index), top)
+
+
+@pytest.mark.parametrize("with_margin", [False, True])
+def test_significance_by_translation_groups_matches_flat_rows(with_margin):
+    """Counts and order are those of the rows taken as one flat group each."""
+    import cryoavg.class2d.estep as estep
+
+    gen = torch.Generator().manual_seed(12)
+    b, t, u, cap = 48, 6, 70, 40
+    spread = torch.logspace(-1, 4, b, dtype=torch.float64)[:, None]
+    log_w = (-spread * torch.rand(b, t * u, generator=gen, dtype=torch.float64)).float()
+    margin = torch.full((b,), 2.0) if with_margin else None
+    order1, count1 = estep._significant_dense(log_w.clone(), 0.999, cap, margin)
+    order2, count2 = estep._significant_dense(
+        log_w.clone(), 0.999, cap, margin, n_translations=t
+    )
+    assert torch.equal(count1, count2)
+    assert int(count1.min()) < estep.SIGNIFICANT_FIRST_TOPK  # both stages are used
+    assert int(count1.max()) == cap
+    for i in range(b):
+        c = int(count1[i])
+        assert torch.equal(order1[i, :c], order2[i, :c])
 
 
 @pytest.mark.parametrize("with_margin", [False, True])
