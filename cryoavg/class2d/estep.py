@@ -1047,11 +1047,6 @@ DENSE_SPLAT_FILL = 0.25
 #: Bytes of gathered shifted images per batched GEMM of the fine pass (cache sized).
 FINE_TILE_BYTES = 1 << 21
 
-#: Groups of at least this many samples multiply as ``table (8, 2p) × rows (2p, s)``,
-#: smaller ones as ``rows (s, 2p) × table (2p, 8)``: on a CPU (MKL) the first is about
-#: 2.3× faster from s = 16 and the second up to 1.25× faster below s = 12.
-FINE_TRANSPOSED_FROM = 12
-
 
 def _size_classes(counts: torch.Tensor) -> torch.Tensor:
     """Padded size of each group of :func:`_fine_cross` (``(g,)`` int64 → ``(g,)``).
@@ -1165,18 +1160,11 @@ def _fine_cross(
                 tables = fine_q.index_select(
                     0, pairs_ranked[g_start + g0 : g_start + g0 + n]
                 )  # (n, 8, 2p)
-                target = prod[r0 : r0 + n * s].view(n, s, 8)
-                if s >= FINE_TRANSPOSED_FROM:
-                    # (8, 2p) × (2p, s): the faster orientation for larger groups
-                    target.copy_(
-                        torch.bmm(
-                            tables, rows.view(n, s, width).transpose(1, 2)
-                        ).transpose(1, 2)
-                    )
-                else:
-                    torch.bmm(
-                        rows.view(n, s, width), tables.transpose(1, 2), out=target
-                    )
+                torch.bmm(
+                    rows.view(n, s, width),
+                    tables.transpose(1, 2),
+                    out=prod[r0 : r0 + n * s].view(n, s, 8),
+                )
             g_start += g_j
             r_start += g_j * s
         out[e0 + perm] = prod[slot]
