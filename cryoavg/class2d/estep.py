@@ -1076,10 +1076,11 @@ def _fine_cross(
     share the pair's table ``fine_q[u]`` (see :class:`_FineTables`), so a group of
     ``c`` samples is one ``(c, 2p) × (2p, 8)`` product of their shifted images
     ``Y·φ_{t_c}`` with the table. The groups are padded to size classes
-    (:func:`_size_classes`; padding rows are computed and dropped) and all groups of
-    one class go through batched GEMMs (``torch.bmm``) whose gathered operand is at
-    most :data:`FINE_TILE_BYTES`, so it stays in cache between the gather and the
-    product. The loops run over size classes and cache tiles, not over poses.
+    (:func:`_size_classes`; padding rows are computed and dropped) and laid out, by
+    padded size, in one buffer of rows built with whole-batch index operations. The
+    groups of one size go through batched GEMMs (``torch.bmm``) whose gathered operand
+    is at most :data:`FINE_TILE_BYTES`, so it stays in cache between the gather and the
+    product. The only loop runs over these tiles, not over poses or groups.
 
     Parameters
     ----------
