@@ -668,18 +668,17 @@ def _top_samples(
     index : torch.Tensor
         ``(l, q)`` int64 their flat indices into ``(t, u)``.
     """
-    _, t, u = log_w.shape
+    b, t, u = log_w.shape
     q_groups = min(q, u)
-    if rows is not None:
+    if rows is None:
+        rows = torch.arange(b, device=log_w.device)
+    else:
         group_max = group_max.index_select(0, rows)
     _, groups = torch.topk(group_max, q_groups, dim=1, sorted=False)  # (l, q_g)
-    if rows is None:
-        candidates = log_w.gather(2, groups[:, None, :].expand(-1, t, q_groups))
-    else:
-        translations = torch.arange(t, device=log_w.device)
-        flat = (rows[:, None, None] * t + translations[:, None]) * u + groups[:, None]
-        candidates = log_w.reshape(-1).index_select(0, flat.view(-1))  # (l·t·q_g,)
-    top, j = torch.topk(candidates.reshape(-1, t * q_groups), q, dim=1, sorted=True)
+    translations = torch.arange(t, device=log_w.device)
+    flat = (rows[:, None, None] * t + translations[:, None]) * u + groups[:, None]
+    candidates = log_w.reshape(-1).index_select(0, flat.view(-1))  # (l·t·q_g,)
+    top, j = torch.topk(candidates.view(-1, t * q_groups), q, dim=1, sorted=True)
     return top, (j // q_groups) * u + groups.gather(1, j % q_groups)
 
 
