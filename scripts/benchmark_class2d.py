@@ -288,35 +288,75 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------------------ case
 def estep_gemm_seconds(
-    shape, device, repeats: int = 3, precision: str = "fp32"
+    shape, device, repeats: int = 3, precision: str = "fp32", executed: bool = False
 ) -> float:
-    """Best time of ``torch.matmul`` on one E-step call's two GEMMs (after a warm-up).
+    """Best time of ``torch.matmul`` on one E-step call's GEMMs (after a warm-up).
 
-    ``shape = (b, t_c, p_c, k, r_c)``: the coarse scoring GEMM
-    ``(b·t_c, 2p_c) × (2p_c, k·r_c)``, in the E-step's ``precision`` (``estep_precision``),
-    and the fp32 ``|P|²`` GEMM ``(b, p_c) × (p_c, k·r_c)``. Also used inside the run by
-    ``estep_probe.py``.
+    ``shape = (b, t_c, p_c, k, r_c)`` or ``(b, t_c, p_c, k, r_c, half_turn)``.
+
+    * ``executed=False``: the direct formulation of the coarse pass, the scoring GEMM
+      ``(b·t_c, 2p_c) × (2p_c, k·r_c)`` in the E-step's ``precision``
+      (``estep_precision``) and the fp32 ``|P|²`` GEMM ``(b, p_c) × (p_c, k·r_c)``.
+      Compared with the E-step's time, this is its throughput in FLOP/s of the direct
+      formulation (every coarse score computed by its own ``2p_c``-term dot product).
+    * ``executed=True``: the GEMMs the E-step runs. With ``half_turn`` (an even number of
+      coarse ψ, the second half the first turned by 180°) they are two
+      ``(b·t_c, p_c) × (p_c, k·r_c/2)`` (real and imaginary parts) and
+      ``(b, p_c) × (p_c, k·r_c/2)``: half the arithmetic (see ``_coarse_block``). Without,
+      two ``(b·t_c, p_c) × (p_c, k·r_c)`` and the ``|P|²`` GEMM.
+
+    Also used inside the run by ``estep_probe.py``.
     """
-    b, t_c, p_c, k, r_c = shape
-    cross = _matmul_in(
-        precision,
-        torch.randn(b * t_c, 2 * p_c, device=device),
-        torch.randn(2 * p_c, k * r_c, device=device),
-    )
+    b, t_c, p_c, k, r_c = shape[:5]
+    half_turn = bool(shape[5]) if len(shape) > 5 else False
+    if executed:
+        n = k * r_c // 2 if half_turn else k * r_c
+        parts = [
+            _matmul_in(
+                precision,
+                torch.randn(b * t_c, p_c, device=device),
+                torch.randn(p_c, n, device=device),
+            )
+            for _ in range(2)
+        ]
+        power_n = n
+    else:
+        parts = [
+            _matmul_in(
+                precision,
+                torch.randn(b * t_c, 2 * p_c, device=device),
+                torch.randn(2 * p_c, k * r_c, device=device),
+            )
+        ]
+        power_n = k * r_c
     power_a = torch.randn(b, p_c, device=device)
-    power_b = torch.randn(p_c, k * r_c, device=device)
-    return _time(lambda: (cross(), power_a @ power_b), repeats)
+    power_b = torch.randn(p_c, power_n, device=device)
+    return _time(lambda: ([f() for f in parts], power_a @ power_b), repeats)
+
+
+def estep_gemm_flops(shape, executed: bool = False) -> float:
+    """FLOPs of :func:`estep_gemm_seconds`'s GEMMs for one call."""
+    b, t_c, p_c, k, r_c = shape[:5]
+    half_turn = bool(shape[5]) if len(shape) > 5 else False
+    n = k * r_c // 2 if (executed and half_turn) else k * r_c
+    return 2.0 * b * t_c * 2 * p_c * n + 2.0 * b * p_c * n
 
 
 def run_estep_rate(probe: dict, device: str = "cpu") -> dict:
     """E-step GEMM throughput over a whole run, from ``estep_probe.py``'s record.
 
-    Each E-step call did one coarse scoring GEMM ``(b·t_c, 2p) × (2p, k·r_c)`` plus the
-    ``|P|²`` GEMM ``(b, p) × (p, k·r_c)``. Here ``torch.matmul`` of every distinct shape
-    is timed in this process (same device and threads, the coarse GEMM in the run's
-    ``estep_precision``), and the fraction is the time
-    those GEMMs take at ``torch.matmul``'s rate over the time the E-step calls took:
-    1.0 would be an E-step that is nothing but its GEMMs at full speed.
+    Here ``torch.matmul`` of every distinct call shape is timed in this process (same
+    device and threads, the coarse GEMMs in the run's ``estep_precision``), and a
+    fraction is the time those GEMMs take at ``torch.matmul``'s rate over the time the
+    E-step calls took, for two sets of GEMMs (:func:`estep_gemm_seconds`):
+
+    * ``estep_fraction_of_matmul_*``: the direct formulation, one scoring GEMM
+      ``(b·t_c, 2p) × (2p, k·r_c)`` plus the ``|P|²`` GEMM: the E-step's throughput in
+      FLOP/s of that formulation, as a fraction of ``torch.matmul``'s. It can exceed
+      1.0, since the E-step computes the same scores with half the arithmetic where
+      the ψ grid has half turns.
+    * ``estep_fraction_of_matmul_executed_*``: the GEMMs the E-step actually runs:
+      1.0 would be an E-step that is nothing but its GEMMs at full speed.
     """
     calls = probe.get("estep", [])
     if not calls:
@@ -325,31 +365,40 @@ def run_estep_rate(probe: dict, device: str = "cpu") -> dict:
     for seconds, *shape in calls:
         by_shape.setdefault(tuple(shape), []).append(seconds)
     precision = probe.get("precision", "fp32")
-    matmul_seconds, flops = 0.0, 0.0
-    for (b, t_c, p_c, k, r_c), times in by_shape.items():
-        matmul_seconds += estep_gemm_seconds(
-            (b, t_c, p_c, k, r_c), device, precision=precision
-        ) * len(times)
-        flops += (2.0 * b * t_c * 2 * p_c * k * r_c + 2.0 * b * p_c * k * r_c) * len(
-            times
-        )
+    matmul_seconds = {False: 0.0, True: 0.0}
+    flops = {False: 0.0, True: 0.0}
+    for shape, times in by_shape.items():
+        for executed in (False, True):
+            matmul_seconds[executed] += estep_gemm_seconds(
+                shape, device, precision=precision, executed=executed
+            ) * len(times)
+            flops[executed] += estep_gemm_flops(shape, executed) * len(times)
     estep_seconds = sum(c[0] for c in calls)
     statistics_seconds = sum(probe.get("statistics_seconds", []))
     figures = {
         "estep_precision": precision,
         "estep_calls": len(calls),
+        "estep_half_turn_calls": sum(1 for c in calls if len(c) > 6 and c[6]),
         "estep_seconds_total": estep_seconds,
         "statistics_seconds_total": statistics_seconds,
-        "estep_gemm_gflops": flops / estep_seconds / 1e9,
-        "matmul_same_shapes_gflops": flops / matmul_seconds / 1e9,
-        "estep_fraction_of_matmul_same_shapes": matmul_seconds / estep_seconds,
+        "estep_gemm_gflops": flops[False] / estep_seconds / 1e9,
+        "matmul_same_shapes_gflops": flops[False] / matmul_seconds[False] / 1e9,
+        "estep_fraction_of_matmul_same_shapes": matmul_seconds[False] / estep_seconds,
+        "estep_executed_gemm_gflops": flops[True] / estep_seconds / 1e9,
+        "estep_fraction_of_matmul_executed_same_shapes": matmul_seconds[True]
+        / estep_seconds,
     }
     sampled = probe.get("sampled", [])
     if sampled:
-        # the same ratio from every 10th call, its matmuls timed right after it
-        figures["estep_fraction_of_matmul_sampled_in_run"] = sum(
-            s[1] for s in sampled
-        ) / sum(s[0] for s in sampled)
+        # the same ratios from every 10th call, its matmuls timed right after it
+        estep_sampled = sum(s[0] for s in sampled)
+        figures["estep_fraction_of_matmul_sampled_in_run"] = (
+            sum(s[1] for s in sampled) / estep_sampled
+        )
+        if all(len(s) > 2 for s in sampled):
+            figures["estep_fraction_of_matmul_executed_sampled_in_run"] = (
+                sum(s[2] for s in sampled) / estep_sampled
+            )
         figures["estep_fraction_sampled_calls"] = len(sampled)
         figures["probe_seconds"] = probe.get("probe_seconds", 0.0)
     return figures

@@ -4,18 +4,21 @@ Usage: ``python scripts/estep_probe.py OUT.json class2d key=value ...``
 
 Wraps the two hot functions that :mod:`cryoavg.class2d.module` calls,
 ``expectation_step`` and ``statistics_update``, records the wall time of each call and
-the shape of the coarse scoring GEMM it did, ``(b·t_c, 2·p_c) × (2·p_c, k·r_c)``, then
-runs the ordinary command line. On exit (also on an error) it writes OUT.json:
-``{"estep": [[seconds, b, t_c, p_c, k, r_c], ...], "statistics_seconds": [...],
-"precision": estep_precision}``.
+the shape of its coarse pass, then runs the ordinary command line. On exit (also on an
+error) it writes OUT.json:
+``{"estep": [[seconds, b, t_c, p_c, k, r_c, half_turn], ...], "statistics_seconds":
+[...], "precision": estep_precision}`` (``half_turn``: 1 where the coarse ψ grid lets the
+E-step score half the angles by GEMMs and the rest by their 180° turns).
 The benchmark turns these into the E-step's GEMM FLOP/s over a real run and compares
-them with ``torch.matmul`` on the same shapes.
+them with ``torch.matmul`` on the same shapes (``benchmark_class2d.estep_gemm_seconds``:
+the direct formulation's GEMMs and those actually executed).
 
 Every ``SAMPLE_EVERY``-th call is also followed at once by ``torch.matmul`` on that
-call's GEMM shapes, timed (``"sampled": [[estep_seconds, matmul_seconds], ...]``): a
-reference taken at the same moment of the run as the E-step it is compared with, so a
-machine whose speed drifts (shared cores, clock changes) does not bias the fraction.
-These matmuls add about a second to the job (``"probe_seconds"``).
+call's GEMM shapes, timed (``"sampled": [[estep_seconds, direct_matmul_seconds,
+executed_matmul_seconds], ...]``): a reference taken at the same moment of the run as
+the E-step it is compared with, so a machine whose speed drifts (shared cores, clock
+changes) does not bias the fraction.
+These matmuls add a second or two to the job (``"probe_seconds"``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from benchmark_class2d import estep_gemm_seconds  # this script's folder
 
 import cryoavg.class2d.module as module
+from cryoavg.class2d.estep import _half_turn_grid
 
 RECORD: dict = {
     "estep": [],
@@ -66,6 +70,7 @@ def _timed_estep(function):
             pixel_set.count_within(coarse) - 1,
             projector.n_classes,
             psi_grid.n_coarse,
+            int(_half_turn_grid(psi_grid.coarse_degrees)),
         ]
         precision = kwargs.get("precision", "fp32")
         RECORD["precision"] = precision
@@ -73,7 +78,11 @@ def _timed_estep(function):
         if len(RECORD["estep"]) % SAMPLE_EVERY == 0:
             probe_start = time.perf_counter()
             RECORD["sampled"].append(
-                [seconds, estep_gemm_seconds(shape, device, 1, precision)]
+                [
+                    seconds,
+                    estep_gemm_seconds(shape, device, 1, precision),
+                    estep_gemm_seconds(shape, device, 1, precision, executed=True),
+                ]
             )
             RECORD["probe_seconds"] += time.perf_counter() - probe_start
         return result

@@ -34,7 +34,12 @@ from cryoavg.class2d.sampling import PixelSet
 from cryoavg.ops import indexing
 from cryoavg.ops.fourier import dft_2d
 
-__all__ = ["ClassProjector", "bilinear_plan", "gridding_correction_map"]
+__all__ = [
+    "ClassProjector",
+    "bilinear_plan",
+    "gridding_correction_map",
+    "interpolate_rows",
+]
 
 
 def gridding_correction_map(
@@ -135,6 +140,57 @@ def bilinear_plan(
     cx = cx.clamp(max=ncol - 1)
     index = torch.remainder(cy, big) * ncol + cx
     return index, weight, conjugate
+
+
+def interpolate_rows(
+    table: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    sparse: bool | None = None,
+) -> torch.Tensor:
+    """Weighted sums of table rows: ``out[n] = Σ_c weight[n, c]·table[index[n, c]]``.
+
+    The bilinear interpolation of :class:`ClassProjector` with the classes innermost
+    (one gathered row holds every class). On a CPU the rows go through one sparse CSR
+    product (``c`` entries per output row), which reads each table row once per use
+    without materialising the ``(n, c, w)`` corners: about 3× faster than a gather and
+    a weighted sum. Elsewhere, the gather and the sum.
+
+    Parameters
+    ----------
+    table
+        ``(m, w)`` real.
+    index
+        ``(n, c)`` int64 rows of ``table`` (repeats allowed, e.g. a zero-weight corner).
+    weight
+        ``(n, c)`` real, the dtype of ``table``.
+    sparse
+        Use the sparse product (default: on a CPU).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n, w)``.
+    """
+    n, c = index.shape
+    if n == 0:
+        return table.new_zeros((0, table.shape[1]))
+    if sparse is None:
+        sparse = table.device.type == "cpu"
+    if sparse:
+        crow = torch.arange(0, n * c + 1, c, device=table.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "CSR support is beta"
+            matrix = torch.sparse_csr_tensor(
+                crow,
+                index.reshape(-1),
+                weight.reshape(-1),
+                (n, table.shape[0]),
+                check_invariants=False,
+            )
+        return matrix @ table
+    corners = table.index_select(0, index.reshape(-1)).view(n, c, -1)
+    return (corners * weight[..., None]).sum(1)
 
 
 class ClassProjector:
@@ -286,23 +342,25 @@ class ClassProjector:
             ``(k, r, p)`` complex, dtype of :attr:`data`.
         """
         k = self.n_classes
-        flat = self.data.reshape(k, -1)  # (k, P·(P//2+1))
         n_psi = int(psi_degrees.shape[0])
         p = int(pixel_set.indices[start:stop].shape[0])
         out = self.data.new_empty((k, n_psi, p))
-        step = self._chunk(k, n_psi, p, max_chunk_bytes)
+        # the grid with the classes innermost: (M, 2k) real, a row per grid point
+        table = torch.view_as_real(self.data.reshape(k, -1)).transpose(0, 1)
+        table = table.reshape(-1, 2 * k)
         real_dtype = self.data.real.dtype
+        step = self._chunk(k, n_psi, p, max_chunk_bytes)
         for i in range(0, n_psi, step):
             psi = psi_degrees[i : i + step]
             index, weight, conj = bilinear_plan(
                 psi, pixel_set, pad=self.pad, r_max=self.r_max, start=start, stop=stop
             )
             rr = int(psi.shape[0])
-            corners = indexing.index_select(flat, 1, index.reshape(-1)).reshape(
-                k, rr, p, 4
-            )
-            vals = (corners * weight.to(real_dtype)).sum(-1)  # (k, rr, p)
-            out[:, i : i + rr] = torch.where(conj, vals.conj(), vals)
+            vals = interpolate_rows(
+                table, index.view(-1, 4), weight.view(-1, 4).to(real_dtype)
+            ).view(rr, p, k, 2)
+            vals[..., 1].mul_(1.0 - 2.0 * conj.to(real_dtype)[..., None])
+            out[:, i : i + rr] = torch.view_as_complex(vals.permute(2, 0, 1, 3))
         return out
 
     def backproject(

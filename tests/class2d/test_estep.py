@@ -940,3 +940,62 @@ def test_significance_in_two_stages_matches_one(monkeypatch, with_margin):
     for i in range(b):
         c = int(count1[i])
         assert torch.equal(order1[i, :c], order2[i, :c])
+
+
+def test_half_turn_grids_are_recognised():
+    from cryoavg.class2d.estep import _half_turn_grid
+
+    assert _half_turn_grid(PsiGrid.build(6.0).coarse_degrees)  # 30 angles
+    assert _half_turn_grid(PsiGrid.build(6.0, perturbation=0.37).coarse_degrees)
+    assert _half_turn_grid(PsiGrid.build(6.0).fine_degrees)
+    assert not _half_turn_grid(PsiGrid.build(8.0).coarse_degrees)  # 23 angles
+    assert not _half_turn_grid(
+        torch.tensor([0.0, 90.0, 180.0, 250.0], dtype=torch.float64)
+    )
+    assert not _half_turn_grid(torch.tensor([10.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("step", [6.0, 8.0])
+def test_coarse_scores_by_half_turns_match_every_angle(step, precision):
+    """Scoring half the ψ grid and the rest as 180° turns equals scoring every angle."""
+    import cryoavg.class2d.estep as estep
+
+    psi = PsiGrid.build(step, perturbation=0.21)
+    trans = TranslationGrid.build(3.0, 1.0, perturbation=-0.3)
+    ps = PixelSet.for_size(N, 24)
+    classes = torch.stack([blob_image(i, N) for i in range(K)]).float()
+    proj = ClassProjector(classes, r_max=12)
+    n_coarse = ps.count_within(16)
+    tables = estep._coarse_tables(
+        proj, psi, trans, ps, n_coarse, torch.complex64, 1 << 28
+    )
+    half = psi.n_coarse % 2 == 0
+    assert tables.half_turn == half
+    assert tables.references.shape[1] == K * (
+        psi.n_coarse // 2 if half else psi.n_coarse
+    )
+    gen = torch.Generator().manual_seed(4)
+    b = 5
+    y = torch.randn(b, n_coarse - 1, generator=gen, dtype=torch.complex64)
+    a = torch.rand(b, n_coarse - 1, generator=gen)
+    operand = estep._coarse_operand(proj, tables, precision)
+    got = estep._coarse_block(
+        y,
+        a,
+        tables.references,
+        tables.ref_power,
+        tables.phases,
+        half_turn=tables.half_turn,
+        n_classes=K,
+        precision=precision,
+        references_operand=operand,
+    ).view(b, trans.n_coarse, K, psi.n_coarse)
+    refs = proj.rotated_references(psi.coarse_degrees, ps, start=1, stop=n_coarse)
+    phases = phase_shifts(trans.coarse_px, ps, start=1, stop=n_coarse)
+    every = estep._coarse_cross_terms(
+        y.to(torch.complex128), a.double(), refs.to(torch.complex128), phases
+    )
+    scale = float(every.abs().max())
+    tol = 1e-5 if precision == "fp32" else 2.0**-6
+    assert float((got.double() - every).abs().max()) < tol * scale

@@ -1,7 +1,11 @@
 import pytest
 import torch
 
-from cryoavg.class2d.projector import ClassProjector, gridding_correction_map
+from cryoavg.class2d.projector import (
+    ClassProjector,
+    gridding_correction_map,
+    interpolate_rows,
+)
 from cryoavg.class2d.sampling import PixelSet
 from cryoavg.ops.fourier import dft_2d
 from tests.class2d.conftest import blob_image
@@ -230,3 +234,26 @@ def test_backproject_rows_equals_pairs(pixel_set, dtype):
     # the sparse matrix is memoised per angle table and dtype
     m1 = proj.splat_matrix(psi, pixel_set, dtype)[0]
     assert proj.splat_matrix(psi, pixel_set, dtype)[0] is m1
+
+
+def test_half_turn_is_the_complex_conjugate(classes, pixel_set):
+    """A real image turned by 180°: its transform is the conjugate (the E-step uses it)."""
+    proj = ClassProjector(classes)
+    psi = torch.tensor([7.5, 40.0, 133.0])
+    refs = proj.rotated_references(psi, pixel_set)
+    turned = proj.rotated_references(psi + 180.0, pixel_set)
+    torch.testing.assert_close(turned, refs.conj(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_interpolate_rows_sums_weighted_rows(sparse):
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    index = torch.randint(0, 50, (30, 4), generator=gen)
+    index[0] = 7  # a repeated row (a zero-weight corner clamped onto its neighbour)
+    weight = torch.rand(30, 4, generator=gen, dtype=torch.float64)
+    weight[0, 1:] = 0.0
+    expected = torch.einsum("nc,ncw->nw", weight, table[index])
+    got = interpolate_rows(table, index, weight, sparse=sparse)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert interpolate_rows(table, index[:0], weight[:0], sparse=sparse).shape == (0, 6)
