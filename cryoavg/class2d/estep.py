@@ -8,11 +8,14 @@ A mini-batch of particles is aligned against all classes in two passes:
    ``diff2(b,k,r,t) = Σ_p |s·CTF·P_kr − X_b·φ_t|² / (2σ²)``
 
    are expanded as ``Σ|X|²/2σ² + Σ s²CTF²|P|²/2σ² − Re Σ conj(P_kr)·Y_b·φ_t`` with
-   ``Y = (s·CTF/σ²)·X``. The second term is a real GEMM ``(b, p) × (p, k·r)``, the
-   cross term a real GEMM ``(b·t, 2p) × (2p, k·r)`` on interleaved (re, im) values
-   (only the real part of the complex product is needed: half the work of a complex
-   GEMM, and measured ~1.7× faster than ``torch.matmul`` on complex tensors on CPU).
-   The first term is pose independent and cancels in the weights.
+   ``Y = (s·CTF/σ²)·X``. The second term is a real GEMM ``(b, p) × (p, k·r)``. Only the
+   real part of the cross term is needed: ``A + B`` with ``A = Σ Re P·Re(Y·φ)`` and
+   ``B = Σ Im P·Im(Y·φ)``, two real GEMMs ``(b·t, p) × (p, k·r)``. A class image is
+   real, so its reference turned by 180° is the complex conjugate, whose cross term is
+   ``A − B``: on a ψ grid whose second half is its first half turned by 180° (an even
+   number of equally spaced angles), the GEMMs run over the first half only, half the
+   arithmetic (:func:`_coarse_block`). The first term is pose independent and cancels
+   in the weights.
 2. **Significance** (§A.6.4): per particle, weights sorted descending are summed to
    ``adaptive_fraction`` of the total, at most ``max_significant`` samples.
 3. **Fine pass** on the significant coarse samples only: each expands to 2 fine ψ × 4
