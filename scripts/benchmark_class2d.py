@@ -14,9 +14,13 @@ Four parts, each printing a JSON summary (and writing it to ``--out``):
    shapes, timed in this process afterwards (``estep_fraction_of_matmul_same_shapes``), and
    with ``torch.matmul`` timed inside the run right after every 10th E-step call
    (``estep_fraction_of_matmul_sampled_in_run``, robust to a machine whose speed drifts).
+   Both fractions count the FLOPs of the direct formulation of the coarse scoring; the
+   ``*_executed_*`` ones count the GEMMs the E-step runs (half of them where the ψ grid
+   has half turns; see ``estep_gemm_seconds``).
 2. ``estep``: E-step throughput. Times ``expectation_step`` on a realistic batch and counts the
    floating-point work of its scoring GEMMs; compares the achieved FLOP/s with ``torch.matmul`` of
-   the same shape measured in the same run on the same device, and reports peak memory. With
+   the same shape measured in the same run on the same device (and the E-step's time with
+   ``torch.matmul`` on the GEMMs it executes), and reports peak memory. With
    ``--precision fp32 tf32 bf16`` it does so for each arithmetic of the coarse-search GEMMs
    (``estep_precision``; the matmul reference in the same arithmetic) and reports how far the
    results of the reduced precisions are from fp32 (log-likelihood, best pose, Pmax). On a CPU
@@ -98,6 +102,7 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
     """Time the E-step and compare its GEMM FLOP/s with torch.matmul on the same device."""
     from cryoavg.class2d.estep import (
         EStepBatch,
+        _half_turn_grid,
         accumulate_statistics,
         expectation_step,
     )
@@ -157,8 +162,18 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
 
     coarse_pixels = pixels.count_within(args.coarse_size or current) - 1
     r_c, t_c = psi.n_coarse, trans.n_coarse
-    # real-arithmetic FLOPs of the scoring GEMMs: cross term (b·t, 2p)×(2p, k·r) and the
-    # |P|² term (b, p)×(p, k·r), coarse pass; the fine pass is a gather over the significant set
+    executed_shape = (
+        b,
+        t_c,
+        coarse_pixels,
+        k,
+        r_c,
+        _half_turn_grid(psi.coarse_degrees),
+    )
+    # real-arithmetic FLOPs of the direct formulation of the scoring GEMMs: cross term
+    # (b·t, 2p)×(2p, k·r) and the |P|² term (b, p)×(p, k·r), coarse pass (the E-step runs
+    # half of it where the ψ grid has half turns: estep_fraction_of_matmul_executed); the
+    # fine pass is a gather over the significant set
     gemm_flops = 2.0 * (b * t_c) * (2 * coarse_pixels) * (
         k * r_c
     ) + 2.0 * b * coarse_pixels * (k * r_c)
@@ -175,11 +190,15 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
         out = run_estep(precision)
         same_shape = _time(_matmul_in(precision, a, m))
         dense = _time(_matmul_in(precision, square, square))
+        executed = estep_gemm_seconds(
+            executed_shape, device, precision=precision, executed=True
+        )
         entry = {
             "estep_seconds_per_batch": seconds,
             "particles_per_second": b / seconds,
             "estep_gemm_gflops": gemm_flops / seconds / 1e9,
             "matmul_same_shape_gflops": same_shape_flops / same_shape / 1e9,
+            "estep_fraction_of_matmul_executed": executed / seconds,
             "matmul_dense_4096_gflops": 2.0 * 4096**3 / dense / 1e9,
             "mean_significant": float(out.n_significant.float().mean()),
             "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20)
@@ -275,6 +294,7 @@ def benchmark_estep(args: argparse.Namespace) -> dict:
         "matmul_same_shape_gflops": matmul_flops / 1e9,
         "matmul_dense_4096_gflops": dense_flops / 1e9,
         "estep_fraction_of_matmul_same_shape": estep_flops / matmul_flops,
+        "estep_fraction_of_matmul_executed": first["estep_fraction_of_matmul_executed"],
         "estep_fraction_of_dense_matmul": estep_flops / dense_flops,
         "peak_memory_mb": peak,
         "statistics_density": groups / (b * k * psi.n_fine),
