@@ -327,38 +327,36 @@ def estep_gemm_seconds(
 
     Also used inside the run by ``estep_probe.py``.
     """
-    b, t_c, p_c, k, r_c = shape[:5]
-    half_turn = bool(shape[5]) if len(shape) > 5 else False
-    if executed:
-        n = k * r_c // 2 if half_turn else k * r_c
-        parts = [
-            _matmul_in(
-                precision,
-                torch.randn(b * t_c, p_c, device=device),
-                torch.randn(p_c, n, device=device),
-            )
-            for _ in range(2)
-        ]
-        power_n = n
-    else:
-        parts = [
-            _matmul_in(
-                precision,
-                torch.randn(b * t_c, 2 * p_c, device=device),
-                torch.randn(2 * p_c, k * r_c, device=device),
-            )
-        ]
-        power_n = k * r_c
+    b, t_c, p_c, n = _coarse_gemm_dims(shape, executed)
+    # executed: real and imaginary parts, two GEMMs over p_c; direct: one over 2·p_c
+    depth, count = (p_c, 2) if executed else (2 * p_c, 1)
+    parts = [
+        _matmul_in(
+            precision,
+            torch.randn(b * t_c, depth, device=device),
+            torch.randn(depth, n, device=device),
+        )
+        for _ in range(count)
+    ]
     power_a = torch.randn(b, p_c, device=device)
-    power_b = torch.randn(p_c, power_n, device=device)
+    power_b = torch.randn(p_c, n, device=device)
     return _time(lambda: ([f() for f in parts], power_a @ power_b), repeats)
+
+
+def _coarse_gemm_dims(shape, executed: bool) -> tuple[int, int, int, int]:
+    """``(b, t_c, p_c, n)`` of a call's coarse GEMMs.
+
+    ``n`` is their number of columns: ``k·r_c``, or ``k·r_c/2`` for the GEMMs executed on
+    a half-turn grid.
+    """
+    b, t_c, p_c, k, r_c = shape[:5]
+    half_turn = len(shape) > 5 and bool(shape[5])
+    return b, t_c, p_c, (k * r_c // 2 if (executed and half_turn) else k * r_c)
 
 
 def estep_gemm_flops(shape, executed: bool = False) -> float:
     """FLOPs of :func:`estep_gemm_seconds`'s GEMMs for one call."""
-    b, t_c, p_c, k, r_c = shape[:5]
-    half_turn = bool(shape[5]) if len(shape) > 5 else False
-    n = k * r_c // 2 if (executed and half_turn) else k * r_c
+    b, t_c, p_c, n = _coarse_gemm_dims(shape, executed)
     return 2.0 * b * t_c * 2 * p_c * n + 2.0 * b * p_c * n
 
 

@@ -519,13 +519,12 @@ def _coarse_cross_terms(
     torch.Tensor
         ``(b, t, k, r)`` real (the pose-dependent part of diff2).
     """
-    k, r, p = references.shape
-    ref_power = (references.real**2 + references.imag**2).reshape(k * r, p)  # (k·r, p)
+    k, r, _ = references.shape
     return _coarse_block(
         weighted_images,
         model_weight,
-        _planar(references.reshape(k * r, p)),
-        ref_power,
+        _planar(references),
+        references.real**2 + references.imag**2,
         _planar(phases),
         half_turn=False,
         precision=precision,
@@ -545,7 +544,6 @@ def _coarse_block(
     phases: torch.Tensor,
     *,
     half_turn: bool,
-    n_classes: int = 1,
     precision: str = "fp32",
     references_operand: _CoarseOperand | None = None,
 ) -> torch.Tensor:
@@ -565,15 +563,13 @@ def _coarse_block(
     weighted_images, model_weight
         As :func:`_coarse_cross_terms`.
     references
-        ``(2, k·h, p)`` real: real and imaginary parts of the references (class-major).
+        ``(2, k, h, p)`` real: real and imaginary parts of the references.
     ref_power
-        ``(k·h, p)`` real ``|P|²`` (the same for the angles turned by 180°).
+        ``(k, h, p)`` real ``|P|²`` (the same for the angles turned by 180°).
     phases
         ``(2, t, p)`` real: real and imaginary parts of the translations' phases.
     half_turn
         Whether to return the angles turned by 180° as well (see above).
-    n_classes
-        ``k`` (needed with ``half_turn``).
     precision
         Arithmetic of the cross-term GEMMs (:data:`ESTEP_PRECISIONS`); the ``|P|²``
         term is always computed in the dtype of the inputs.
@@ -589,15 +585,16 @@ def _coarse_block(
     """
     b, p = weighted_images.shape
     t = phases.shape[1]
-    kh = references.shape[1]
-    model = (model_weight @ ref_power.T).view(b, 1, kh)  # (b, 1, k·h)
+    _, k, h, _ = references.shape
+    kh = k * h
+    model = (model_weight @ ref_power.reshape(kh, p).T).view(b, 1, kh)  # (b, 1, k·h)
     rhs = (
         _gemm_operand(references, precision)
         if references_operand is None
         else references_operand.operand
-    )  # (2, k·h, p)
-    h = kh // n_classes if half_turn else kh
-    out = model.new_empty((b, t, n_classes, 2, h) if half_turn else (b, t, kh))
+    ).reshape(2, kh, p)
+    # angle j of a class, then (with half_turn) angle j turned by 180°
+    out = model.new_empty((b, t, k, 2 if half_turn else 1, h))
     # on a CPU, blocks of particles: the shifted images and both GEMM results of a block
     # stay in cache until they are combined; a GPU takes the chunk whole
     rows = COARSE_GEMM_ROWS if weighted_images.device.type == "cpu" else b * t
@@ -616,14 +613,11 @@ def _coarse_block(
             for j, z in enumerate((z_re, z_im))
         )
         a_term.neg_().add_(model[i : i + c])  # |P|² term − A
-        if not half_turn:
-            torch.sub(a_term, b_term, out=out[i : i + c])
-            continue
-        a_term = a_term.view(c, t, n_classes, h)
-        b_term = b_term.view(c, t, n_classes, h)
-        # angle j, then angle j turned by 180°
+        a_term = a_term.view(c, t, k, h)
+        b_term = b_term.view(c, t, k, h)
         torch.sub(a_term, b_term, out=out[i : i + c, :, :, 0])
-        torch.add(a_term, b_term, out=out[i : i + c, :, :, 1])
+        if half_turn:
+            torch.add(a_term, b_term, out=out[i : i + c, :, :, 1])
     return out.view(b, t, -1)
 
 
@@ -846,10 +840,10 @@ class _CoarseTables:
     Attributes
     ----------
     references
-        ``(2, k·h, p_c)`` real and imaginary parts of the coarse references (class-major),
+        ``(2, k, h, p_c)`` real and imaginary parts of the coarse references,
         ``h = r_c / 2`` angles per class with ``half_turn``, else ``h = r_c``.
     ref_power
-        ``(k·h, p_c)`` real ``|P|²``.
+        ``(k, h, p_c)`` real ``|P|²``.
     phases
         ``(2, t_c, p_c)`` real and imaginary parts of the coarse translations' phases.
     half_turn
@@ -919,10 +913,9 @@ def _coarse_tables(
         refs = projector.rotated_references(
             psi, pixel_set, start=1, stop=n_coarse, max_chunk_bytes=max_chunk_bytes
         ).to(cdtype)  # (k, h, p_c)
-        k, h, p = refs.shape
         return _CoarseTables(
-            references=_planar(refs.reshape(k * h, p)),
-            ref_power=(refs.real**2 + refs.imag**2).reshape(k * h, p),
+            references=_planar(refs),
+            ref_power=refs.real**2 + refs.imag**2,
             phases=_planar(
                 phase_shifts(
                     translation_grid.coarse_px.to(device),
@@ -950,7 +943,7 @@ class _CoarseOperand:
     Attributes
     ----------
     operand
-        :func:`_gemm_operand` of the coarse references (``(2, k·h, p_c)``).
+        :func:`_gemm_operand` of the coarse references (``(2, k, h, p_c)``).
     reference_norm
         Largest reference norm ``max_{k,r} ‖P_kr‖`` (float64 scalar).
     """
@@ -967,7 +960,7 @@ def _coarse_operand(
         return None
 
     def build() -> _CoarseOperand:
-        norm = coarse.ref_power.to(torch.float64).sum(1).sqrt().amax()
+        norm = coarse.ref_power.to(torch.float64).sum(-1).sqrt().amax()
         return _CoarseOperand(_gemm_operand(coarse.references, precision), norm)
 
     return projector.memoised(
@@ -1425,7 +1418,6 @@ def expectation_step(
             coarse.ref_power,
             coarse.phases,
             half_turn=coarse.half_turn,
-            n_classes=k,
             precision=precision,
             references_operand=coarse_operand,
         ).view(-1, t_c, k, r_c)
