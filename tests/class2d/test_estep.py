@@ -955,6 +955,53 @@ def test_half_turn_grids_are_recognised():
     assert not _half_turn_grid(torch.tensor([10.0], dtype=torch.float64))
 
 
+def test_estep_without_half_turns_gives_the_same_result(synthetic, grids, monkeypatch):
+    """The half-turn tables (coarse and fine) change rounding only, not the result."""
+    import cryoavg.class2d.estep as estep
+
+    psi, trans, ps = grids
+    syn = synthetic(psi, trans, ps, n_particles=40, snr=0.05, seed=5)
+    _, with_turns = run_estep(syn.batch, syn.classes, grids)
+    monkeypatch.setattr(estep, "_half_turn_grid", lambda degrees: False)
+    _, without = run_estep(syn.batch, syn.classes, grids)
+    assert torch.equal(with_turns.best_class, without.best_class)
+    assert torch.equal(with_turns.n_significant, without.n_significant)
+    assert torch.allclose(with_turns.pmax, without.pmax, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(
+        with_turns.log_likelihood, without.log_likelihood, rtol=1e-6, atol=1e-3
+    )
+    assert int(with_turns.n_significant.max()) > 1  # spread posteriors are compared
+
+
+@pytest.mark.parametrize("step", [6.0, 8.0])
+def test_fine_tables_store_half_turns_as_conjugates(step):
+    """On a half-turn fine grid, the turned half is the conjugate of the first half.
+
+    It matches the interpolated references at those angles, and the |P|² of a row and
+    its turned row are equal (the fine pass computes the power once for both).
+    """
+    import cryoavg.class2d.estep as estep
+
+    psi = PsiGrid.build(step, perturbation=0.21)
+    trans = TranslationGrid.build(3.0, 1.0, perturbation=-0.3)
+    ps = PixelSet.for_size(N, 24)
+    classes = torch.stack([blob_image(i, N) for i in range(K)]).float()
+    proj = ClassProjector(classes, r_max=12)
+    fine = estep._fine_tables(proj, psi, trans, ps, torch.complex64, 1 << 28)
+    r_f = psi.fine_degrees.shape[0]
+    # 2·n_coarse equally spaced fine angles: a half-turn grid even where the coarse
+    # grid (23 angles at 8°) is not
+    assert fine.half_turn
+    refs = fine.references.view(K, r_f, -1)
+    every = proj.rotated_references(psi.fine_degrees, ps)  # (K, r_f, p)
+    scale = float(every.abs().max())
+    assert float((refs - every).abs().max()) < 1e-5 * scale
+    h = r_f // 2
+    assert torch.equal(refs[:, h:], refs[:, :h].conj())
+    power = fine.ref_power.view(K, r_f, -1)
+    assert torch.equal(power[:, h:], power[:, :h])
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("step", [6.0, 8.0])
 def test_coarse_scores_by_half_turns_match_every_angle(step, precision):
